@@ -1,0 +1,73 @@
+"""Generate the embedded dataset: images, train / val / test / SFT splits in the JSONL schema.
+
+    python -m data.build --out data/embedded --seed 0
+
+Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question);
+`sft` carries the plain-style SFT target in `response`; `val` and `test` carry neither. The test split
+holds only scenes that no other split contains. Written to a temporary folder and renamed at the end,
+so a half-built dataset is never picked up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from data.scenes import ask, draw, random_scene
+from data.teachers import TEACHERS, plain_response, teacher_response
+
+SPLITS = {"sft": 4000, "train": 2000, "val": 200, "test": 500}  # questions per split (one scene each)
+
+
+def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set) -> list[dict]:
+    """n rows of one split; scenes whose signature is in `exclude` are redrawn; adds new signatures to it."""
+    rng = random.Random(f"{seed}-{split}")
+    rows = []
+    while len(rows) < n:
+        scene = random_scene(rng, grid)
+        if scene.signature() in exclude:
+            continue
+        exclude.add(scene.signature())
+        q = ask(scene, rng)
+        rid = f"{split}-{len(rows):05d}"
+        draw(scene).save(out / "images" / f"{rid}.png")
+        row = {"id": rid, "image": f"images/{rid}.png", "question": q.text, "answer": q.answer, "kind": q.kind}
+        if split == "train":
+            row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
+        if split == "sft":
+            row["response"] = plain_response(q)
+        rows.append(row)
+    return rows
+
+
+def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4) -> Path:
+    """Write `<out>/{split}.jsonl` and `<out>/images/`; returns `out`. Replaces an existing folder."""
+    out, sizes = Path(out), sizes or SPLITS
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    seen: set = set()
+    order = [s for s in sizes if s != "test"] + (["test"] if "test" in sizes else [])  # test last: disjoint scenes
+    for split in order:
+        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, seen if split != "test" else set(seen))
+        with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp / "meta.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "grid": grid,
+                                               "per_teacher": per_teacher, "teachers": TEACHERS}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/embedded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-teacher", type=int, default=4, help="cached responses per teacher per question")
+    a = p.parse_args()
+    t0 = time.time()
+    build(a.out, a.seed, per_teacher=a.per_teacher)
+    print(f"wrote {a.out} ({sum(SPLITS.values())} questions) in {time.time() - t0:.1f}s")

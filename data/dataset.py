@@ -1,0 +1,93 @@
+"""The JSONL schema every dataset of the project is stored in, and its strict loader.
+
+One row per question:
+    {"id": str, "image": path relative to the file or null, "question": str, "answer": str,
+     "teachers": {"teacher-name": [response, ...], ...},   # optional (evaluation sets have none)
+     "response": str,                                      # optional: the SFT target for this question
+     "kind": str}                                          # optional: question type, for per-type metrics
+
+A malformed row raises ValueError naming the file, the line and the problem. No row is dropped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+REQUIRED = {"id": str, "question": str, "answer": str}
+OPTIONAL = {"image", "teachers", "response", "kind"}
+
+
+def _check_row(row, base: Path) -> str | None:
+    """The problem with one parsed row, or None if it is valid. Resolves `image` to an absolute path."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    unknown = set(row) - set(REQUIRED) - OPTIONAL
+    if unknown:
+        return f"unknown field(s) {sorted(unknown)}; allowed: {sorted(set(REQUIRED) | OPTIONAL)}"
+    for key, typ in REQUIRED.items():
+        if key not in row:
+            return f"missing field {key!r}"
+        if not isinstance(row[key], typ) or not row[key].strip():
+            return f"field {key!r} must be a non-empty string, got {row[key]!r:.80}"
+    for key in ("response", "kind"):
+        if key in row and (not isinstance(row[key], str) or not row[key].strip()):
+            return f"field {key!r} must be a non-empty string when present"
+    teachers = row.get("teachers")
+    if teachers is not None:
+        if not isinstance(teachers, dict) or not teachers:
+            return "field 'teachers' must be a non-empty object {name: [response, ...]}"
+        for name, responses in teachers.items():
+            if not isinstance(responses, list) or not responses:
+                return f"teachers[{name!r}] must be a non-empty list of responses"
+            if not all(isinstance(r, str) for r in responses):
+                return f"teachers[{name!r}] must hold only strings"
+    image = row.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            return f"field 'image' must be a path string or null, got {image!r:.80}"
+        path = (base / image).resolve()
+        if not path.is_file():
+            return f"image {image!r} not found (looked at {path})"
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for a bad file
+            return f"image {image!r} cannot be opened: {e}"
+        row["image"] = str(path)
+    return None
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate a dataset; image paths come back absolute. Raises ValueError on the first bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such dataset file")
+    rows, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: bad JSON: {e}") from None
+            problem = _check_row(row, path.parent)
+            if problem is None and row["id"] in seen:
+                problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
+            seen[row["id"]] = lineno
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the file holds no rows")
+    return rows
+
+
+def load_image(path: str | None) -> Image.Image | None:
+    """An RGB image from a path returned by load_jsonl (None stays None)."""
+    if path is None:
+        return None
+    with Image.open(path) as im:
+        return im.convert("RGB")

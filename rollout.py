@@ -1,0 +1,1 @@
+"""Rollout (not written yet): prompt encoding, hand-written KV-cache batched sampling, response log-probs."""

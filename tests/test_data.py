@@ -1,0 +1,159 @@
+"""The embedded world: generator, teachers, loader, tiny student."""
+import filecmp
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.build import build
+from data.dataset import load_image, load_jsonl
+from data.scenes import QUESTION_TYPES, answer_for, ask, draw, random_scene
+from data.teachers import TEACHERS, plain_response, teacher_response
+from tests.conftest import SMALL
+
+
+def test_generator_is_deterministic(tmp_path):
+    sizes = {"train": 20, "test": 10}
+    a, b = build(tmp_path / "a", seed=3, sizes=sizes), build(tmp_path / "b", seed=3, sizes=sizes)
+    c = build(tmp_path / "c", seed=4, sizes=sizes)
+    for split in sizes:
+        assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
+        assert (a / f"{split}.jsonl").read_bytes() != (c / f"{split}.jsonl").read_bytes()
+    images = sorted(p.name for p in (a / "images").iterdir())
+    assert len(images) == 30
+    match, mismatch, errors = filecmp.cmpfiles(a / "images", b / "images", images, shallow=False)
+    assert match == images and not mismatch and not errors
+
+
+def test_every_generated_row_loads(embedded):
+    for split, n in SMALL.items():
+        rows = load_jsonl(embedded / f"{split}.jsonl")
+        assert len(rows) == n
+        for row in rows:
+            assert Path(row["image"]).is_absolute() and load_image(row["image"]).size == (84, 84)
+            assert ("teachers" in row) == (split == "train") and ("response" in row) == (split == "sft")
+            if split == "train":
+                assert set(row["teachers"]) == set(TEACHERS) and all(len(v) == 4 for v in row["teachers"].values())
+
+
+def test_test_split_scenes_are_new(embedded):
+    def scene_bytes(split):
+        return {Path(r["image"]).read_bytes() for r in load_jsonl(embedded / f"{split}.jsonl")}
+    seen = scene_bytes("sft") | scene_bytes("train") | scene_bytes("val")
+    assert not scene_bytes("test") & seen
+
+
+def test_answers_need_the_picture():
+    """Each question type has more than one answer across scenes, so the text alone cannot answer it."""
+    rng = random.Random(0)
+    for kind in QUESTION_TYPES:
+        answers = {ask(random_scene(rng), rng, kind).answer for _ in range(200)}
+        assert len(answers) >= 2, kind
+
+
+def test_drawing_shows_each_object():
+    rng = random.Random(1)
+    scene = random_scene(rng)
+    img = draw(scene)
+    for o in scene.objects:  # the centre pixel of each object's cell carries its colour
+        px = img.getpixel((o.col * 28 + 14, o.row * 28 + 14 + (3 if o.shape == "triangle" else 0)))
+        assert px != (245, 245, 240), o
+
+
+def _boxed(text):
+    return text[text.rindex("\\boxed{") + 7:text.rindex("}")]
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_teacher_accuracy_matches_its_error_rate(name):
+    rng = random.Random(7)
+    n, right = 3000, 0
+    for _ in range(n):
+        scene = random_scene(rng)
+        q = ask(scene, rng)
+        right += _boxed(teacher_response(name, scene, q, rng)) == q.answer
+    err, want = 1 - right / n, TEACHERS[name]
+    assert abs(err - want) < 3 * (want * (1 - want) / n) ** 0.5 + 0.005, (err, want)
+
+
+def test_teachers_write_different_styles_and_reflect():
+    rng = random.Random(2)
+    texts = {t: [] for t in TEACHERS}
+    for _ in range(300):
+        scene = random_scene(rng)
+        q = ask(scene, rng)
+        for t in TEACHERS:
+            texts[t].append(teacher_response(t, scene, q, rng))
+    assert all(t.startswith(("Let me look", "First I list", "Step 1")) for t in texts["methodical"])
+    assert not any(t.startswith(("Let me look", "First I list", "Step 1")) for t in texts["reflective"])
+    reflective = sum("Wait" in t or "double-check" in t or "check again" in t for t in texts["reflective"])
+    assert 0.15 < reflective / 300 < 0.6
+    assert plain_response(q) == f"The answer is \\boxed{{{q.answer}}}."
+
+
+def _write(tmp_path, rows, image=True):
+    if image:
+        draw(random_scene(random.Random(0))).save(tmp_path / "ok.png")
+        (tmp_path / "broken.png").write_bytes(b"not a png")
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+GOOD = {"id": "a", "image": "ok.png", "question": "q?", "answer": "1", "teachers": {"t": ["r"]}}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("{not json", "bad JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({k: v for k, v in GOOD.items() if k != "question"}, "missing field 'question'"),
+    (dict(GOOD, answer=3), "field 'answer' must be a non-empty string"),
+    (dict(GOOD, id=""), "field 'id' must be a non-empty string"),
+    (dict(GOOD, image="missing.png"), "not found"),
+    (dict(GOOD, image="broken.png"), "cannot be opened"),
+    (dict(GOOD, image=5), "must be a path string or null"),
+    (dict(GOOD, teachers=["r"]), "'teachers' must be a non-empty object"),
+    (dict(GOOD, teachers={"t": []}), "teachers['t'] must be a non-empty list"),
+    (dict(GOOD, teachers={"t": ["ok", 3]}), "must hold only strings"),
+    (dict(GOOD, teacher={"t": ["r"]}), "unknown field"),
+    (GOOD, "duplicate id 'a'"),
+])
+def test_malformed_rows_are_rejected_with_file_and_line(tmp_path, bad, problem):
+    path = _write(tmp_path, [GOOD, dict(GOOD, id="b", image=None), bad])
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert str(e.value).startswith(f"{path}:3: ") and problem in str(e.value), str(e.value)
+
+
+def test_loader_accepts_text_only_and_evaluation_rows(tmp_path):
+    rows = load_jsonl(_write(tmp_path, [GOOD, {"id": "b", "image": None, "question": "q", "answer": "x"}]))
+    assert rows[1]["image"] is None and "teachers" not in rows[1]
+    with pytest.raises(ValueError, match="no such dataset file"):
+        load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_tiny_student_round_trip_and_forward(tiny_student, embedded):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    proc = AutoImageProcessor.from_pretrained(tiny_student)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and 5e5 < n_params < 1e7
+    row = load_jsonl(embedded / "train.jsonl")[0]
+    for text in [row["question"], *row["teachers"]["methodical"]]:
+        assert tok.decode(tok(text)["input_ids"]) == text
+    img = proc(images=[load_image(row["image"])], return_tensors="pt")
+    n_img = int(img["image_grid_thw"].prod()) // 4
+    assert n_img == 9  # 84 px -> 6 x 6 patches -> 3 x 3 merged tokens
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and text.count("<|image_pad|>") == 1
+    enc = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n_img), return_tensors="pt")
+    mm = (enc.input_ids == model.config.image_token_id).int()
+    with torch.no_grad():
+        out = model(**enc, **img, mm_token_type_ids=mm)
+        again = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()(**enc, **img, mm_token_type_ids=mm)
+    assert out.logits.shape == (1, enc.input_ids.shape[1], len(tok)) and torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.logits, again.logits)
