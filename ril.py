@@ -1,5 +1,730 @@
-"""RIL: the entry point (not written yet).
+"""RIL: unified reinforcement and imitation learning for vision-language models (Algorithm 2).
 
-Will hold the config, distributed set-up (FSDP2), the Dr.GRPO / GRPO losses (Eq. 2), and the SFT,
-discriminator pre-training and RL stages of Algorithm 2, with checkpoints and main().
+    torchrun --nproc_per_node=2 ril.py                   # the embedded run: builds what is missing, trains
+    python ril.py --algo drgrpo                          # Algorithm 1 baseline, one process
+    torchrun --nproc_per_node=8 ril.py --student /ckpt/Qwen2.5-VL-7B-Instruct --data rl.jsonl \
+        --eval-data test.jsonl --answer-reward judge --judge /ckpt/Qwen2.5-32B-Instruct
+
+Per batch of questions (Algorithm 2):
+  1. pi_old <- pi_theta
+  2. G student samples per question (rollout.generate) + G cached teacher responses  -> a group of 2G
+  3. mu discriminator steps on the 2G responses (Eq. 1)
+  4. R = r_sim + r_ans for all 2G, A_i = R_i - mean_j R_j over the group (Dr.GRPO: no std)
+  5. mu policy steps on the clipped surrogate with a KL penalty (Eq. 2), teacher responses included
+`--algo grpo|drgrpo` runs Algorithm 1 in the same code: G student samples, answer reward only.
 """
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    # what to train ("" = the embedded world, built on the first run)
+    student: str = ""              # student checkpoint (HF folder); also pi_ref, the SFT model
+    data: str = ""                 # RL questions with cached teacher responses (JSONL schema)
+    eval_data: str = ""            # held-out questions for accuracy before / after / during training
+    sft_data: str = ""             # SFT rows (`response` field) for --stage sft
+    discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
+    judge: str = ""                # text-only judge LLM for --answer-reward judge
+    stage: str = "all"             # all | sft | disc | rl
+    algo: str = "ril"              # ril (Algorithm 2) | drgrpo | grpo (Algorithm 1)
+    teachers: str = ""             # comma-separated teacher names to imitate; "" = every teacher in the data
+    similarity: str = "binary"     # r_sim: binary 1[D(o) < 0.5] | continuous 1 - D(o) | off
+    answer_reward: str = "rule"    # r_ans: rule-based check | judge LLM | off
+    freeze_disc: bool = False      # ablation: keep the pre-trained discriminator fixed during RL
+    # RL, the paper's values
+    group_size: int = 4            # G: student samples (and teacher responses) per question
+    clip_eps: float = 0.2          # eps of the clipped ratio in Eq. 2
+    beta: float = 0.01             # KL(pi_theta || pi_ref) weight in Eq. 2
+    mu: int = 1                    # policy and discriminator updates per batch
+    temperature: float = 1.0       # sampling temperature
+    top_p: float = 0.95            # nucleus sampling
+    top_k: int = 50                # top-k sampling
+    repetition_penalty: float = 1.05
+    lr: float = 1e-6               # student learning rate
+    disc_lr: float = 1e-6          # discriminator learning rate (pre-training and RL)
+    batch_size: int = 144          # questions per step, all ranks together
+    steps: int = 1000              # RL steps
+    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    max_new_tokens: int = 1024     # response length cap (also Dr.GRPO's constant normaliser)
+    max_disc_len: int = 1024       # discriminator input cap, in tokens (longer: cut from the left)
+    micro_batch: int = 32          # sequences per forward/backward (gradient accumulation within a step)
+    grad_clip: float = 1.0         # max gradient norm
+    # SFT warm start and discriminator pre-training
+    sft_steps: int = 1000          # SFT steps
+    sft_lr: float = 1e-5           # SFT learning rate, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)
+    sft_batch_size: int = 64       # SFT sequences per step, all ranks together
+    disc_steps: int = 500          # discriminator pre-training steps
+    disc_batch_size: int = 32      # responses per pre-training step, half student half teacher
+    disc_questions: int = 2000     # questions whose student samples pre-train the discriminator
+    disc_samples: int = 16         # student samples per such question (the paper's N = 16)
+    # bookkeeping
+    out_dir: str = "runs"          # runs/<name>/ holds metrics.jsonl, summary.json, checkpoints/
+    name: str = "ril"
+    seed: int = 0
+    eval_every: int = 0            # held-out accuracy every N RL steps (0 = only before and after)
+    eval_limit: int = 0            # evaluate on the first N held-out rows (0 = all)
+    save_every: int = 100          # checkpoint every N RL steps
+    sample_every: int = 50         # print a few responses every N RL steps
+    resume: bool = False           # continue runs/<name> from its latest checkpoint
+
+
+# The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs far
+# larger learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace
+# the paper's defaults only when no --student is given, and only for flags not set on the command line.
+EMBEDDED = dict(lr=2e-4, disc_lr=1e-4, batch_size=16, steps=150, max_new_tokens=96, max_disc_len=128,
+                micro_batch=64, sft_steps=300, sft_lr=2e-3, sft_batch_size=64, disc_steps=60,
+                disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
+                sample_every=50)
+EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
+TINY_DIR = Path(__file__).parent / "checkpoints"
+
+
+def parse_config(argv=None) -> Config:
+    """argparse built from Config; embedded defaults apply when no --student is given."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=argparse.SUPPRESS,
+                           help=f"default {f.default!r}")
+    given = vars(p.parse_args(argv))
+    cfg = Config(**{**(EMBEDDED if not given.get("student") else {}), **given})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Fail before any work on values that cannot run."""
+    choices = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
+                   similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
+                   loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.algo == "grpo" and cfg.group_size < 2:
+        raise SystemExit("--algo grpo needs --group-size >= 2 (the group std is undefined for one sample)")
+    if cfg.answer_reward == "judge" and not cfg.judge:
+        raise SystemExit("--answer-reward judge needs --judge PATH (a text-only LLM checkpoint)")
+    if cfg.algo == "ril" and cfg.similarity == "off" and cfg.answer_reward == "off":
+        raise SystemExit("both rewards are off: nothing to learn from")
+    for key in ("student", "data", "eval_data", "sft_data", "discriminator", "judge"):
+        path = getattr(cfg, key)
+        if path and not Path(path).exists():
+            raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
+    if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
+        raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math: advantages and the policy loss (Eq. 2)
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-6):
+    """A_i = R_i - mean_j R_j within each group (Dr.GRPO); / (std_j R_j + eps) too for GRPO.
+
+    rewards: [N] laid out group-major (N = groups * group_size). A group of equal rewards gives zeros.
+    """
+    r = rewards.view(-1, group_size)                                    # [groups, G]
+    adv = r - r.mean(dim=1, keepdim=True)                               # [groups, G]
+    if scale_by_std:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # Bessel
+        adv = adv / (std + eps)
+    return adv.reshape(-1)                                              # [N]
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, norm_len: int | None = None):
+    """Reduce per-token values [N, T] to a scalar; the three conventions of the RL-for-LLM literature."""
+    m = mask.to(values.dtype)
+    if agg == "token-mean":                                             # sum l*m / sum m
+        return (values * m).sum() / m.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":                                    # mean_i (sum_t l*m / sum_t m)
+        return ((values * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    if agg == "seq-mean-token-sum-norm":                                # Dr.GRPO: sum l*m / (N * norm_len)
+        return (values * m).sum() / (values.shape[0] * (norm_len or values.shape[1]))
+    raise ValueError(f"unknown aggregation {agg!r}")
+
+
+def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_eps=0.2, beta=0.01,
+                agg="token-mean", norm_len=None):
+    """Eq. 2, negated for minimisation, per token:
+
+        -min(r A, clip(r, 1-eps, 1+eps) A) + beta * k3,   r = pi_theta / pi_old,
+        k3 = exp(ref - logp) - (ref - logp) - 1   (an unbiased, non-negative estimate of KL(pi_theta || pi_ref))
+
+    logprobs, old_logprobs, ref_logprobs: [N, T] (ref may be None when beta == 0); advantages: [N];
+    mask: [N, T] bool. Returns (loss, stats) with stats detached floats.
+    """
+    m = mask.bool()
+    ratio = torch.exp(torch.where(m, logprobs - old_logprobs, 0.0))    # [N, T]
+    adv = advantages[:, None].to(logprobs.dtype)                         # [N, 1]
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.min(ratio * adv, clipped * adv)                   # [N, T]
+    kl = torch.zeros_like(per_token)
+    if beta != 0:
+        log_r = torch.where(m, ref_logprobs - logprobs, 0.0)            # log pi_ref / pi_theta
+        kl = torch.exp(log_r) - log_r - 1                                # [N, T] k3
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, m, agg, norm_len)
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+        r_valid = ratio[m] if m.any() else torch.ones(1)
+        stats = {"clip_frac": ((is_clipped & m).sum() / n).item(), "kl": ((kl * m).sum() / n).item(),
+                 "ratio_min": r_valid.min().item(), "ratio_max": r_valid.max().item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun; plain `python ril.py` runs as one process without FSDP)
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); nccl on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x: float | torch.Tensor) -> float:
+    """Sum of a number over ranks."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: fully_shard every decoder layer and vision block (the model's `_no_split_modules`), then the root.
+
+    GPU: bf16 parameters in compute, fp32 gradient reductions (fp32 master weights stay sharded).
+    One process: no sharding.
+    """
+    if world_size() == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole (unsharded) state dict on CPU, on rank 0 (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if world_size() == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optim_state(model, optimizer, state=None):
+    """Get (state=None) or set the full optimizer state dict, the same on every rank count."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if state is None:
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and data
+
+def load_student(path: str, device: torch.device, trainable: bool = True):
+    """(model, tokenizer, image processor) from a checkpoint folder, through the Auto classes."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = AutoImageProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    model.requires_grad_(trainable)
+    return shard(model.train(trainable), device), tok, proc
+
+
+def save_student(model, tok, proc, path: Path) -> None:
+    """save_pretrained of the whole student (gathered from the shards) on rank 0: loadable with no project code."""
+    sd = full_state_dict(model)
+    if dist.get_rank() if dist.is_initialized() else 0:
+        return
+    model.save_pretrained(path, state_dict=sd)
+    tok.save_pretrained(path)
+    proc.save_pretrained(path)
+
+
+def rank_slice(items: list, step: int, per_step: int, seed: int) -> list:
+    """This rank's share of the `step`-th global batch, drawn from a seeded permutation per epoch.
+
+    The data position is a pure function of (seed, step), so resuming needs only the step.
+    """
+    n, rank, world = len(items), (dist.get_rank() if dist.is_initialized() else 0), world_size()
+    start = step * per_step
+    out = []
+    for pos in range(start, start + per_step):
+        epoch, i = divmod(pos, n)
+        perm = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+        out.append(items[perm[i]])
+    share = per_step // world
+    return out[rank * share:(rank + 1) * share]
+
+
+def teacher_slots(row: dict, names: list[str], g: int, rng: random.Random) -> list[str]:
+    """G cached teacher responses for one question: slot j goes to teacher j mod len(names) (round robin, so
+    two teachers and G = 4 give two each), each teacher's responses drawn without replacement while they last."""
+    pools = {t: rng.sample(row["teachers"][t], len(row["teachers"][t])) for t in names}
+    return [pools[names[j % len(names)]][(j // len(names)) % len(pools[names[j % len(names)]])] for j in range(g)]
+
+
+def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Response texts: the masked tokens of each row, special tokens dropped."""
+    return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
+
+
+def pad_cols(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
+    """Right-pad a [N, T] tensor to [N, width]."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def images_of(rows: list[dict]):
+    from data.dataset import load_image
+    return [load_image(r.get("image")) for r in rows]
+
+
+def ensure_embedded(cfg: Config, rank: int) -> Config:
+    """Build the embedded dataset and tiny student if missing (rank 0 builds, the others wait)."""
+    if cfg.student:
+        return cfg
+    if rank == 0 and not (EMBEDDED_DIR / "test.jsonl").exists():
+        from data.build import build
+        print(f"building the embedded dataset in {EMBEDDED_DIR} ...", flush=True)
+        build(EMBEDDED_DIR, seed=0)
+    init = TINY_DIR / "tiny-student"
+    if rank == 0 and not (init / "config.json").exists():
+        from data.tiny_student import build_tiny_student
+        build_tiny_student(EMBEDDED_DIR, init, seed=0)
+    barrier()
+    return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
+                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "test.jsonl"),
+                               sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
+
+
+def held_out_accuracy(model, tok, proc, rows: list[dict], cfg: Config) -> float:
+    """Greedy pass@1 on the held-out rows (evaluate.evaluate_model), rows split evenly over ranks."""
+    from evaluate import evaluate_model
+    rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
+    per = math.ceil(len(rows) / world)
+    mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]  # equal counts: FSDP needs the same calls
+    n_real = max(0, min(per, len(rows) - rank * per))
+    res = evaluate_model(model, tok, proc, mine, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                         batch_size=32)
+    return all_sum(sum(res["correct"][:n_real])) / len(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked)
+
+def token_mean_scale(local_count: float, global_count: float) -> float:
+    """Factor that turns a local mean into its share of the global mean: FSDP averages gradients over ranks,
+    so a rank's loss is weighted by world * local / global. 2 processes then equal 1 with the same batch."""
+    return world_size() * local_count / max(global_count, 1.0)
+
+
+def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
+    """Fine-tune `init` on cfg.sft_data for cfg.sft_steps and save it to `out` (save_pretrained)."""
+    from data.dataset import load_jsonl
+    from rollout import encode_prompts, encode_responses, response_logprobs
+    rows = [r for r in load_jsonl(cfg.sft_data) if "response" in r]
+    if not rows:
+        raise SystemExit(f"{cfg.sft_data}: no row has a `response` field to fine-tune on")
+    model, tok, proc = load_student(init, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
+    bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
+    for step in bar:
+        batch = rank_slice(rows, step, cfg.sft_batch_size, cfg.seed)
+        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], images_of(batch))
+        ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
+        n_tok = mask.sum().item()
+        logp = response_logprobs(model, prompts, ids, mask)                      # [B, T]
+        loss = -(logp * mask).sum() / max(n_tok, 1)                             # token-mean cross-entropy
+        (loss * token_mean_scale(n_tok, all_sum(n_tok))).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    save_student(model, tok, proc, out)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
+
+def teacher_names(cfg: Config, rows: list[dict]) -> list[str]:
+    """The teachers to imitate: --teachers, or every teacher present in every row."""
+    have = set.intersection(*(set(r.get("teachers", {})) for r in rows))
+    names = [t for t in cfg.teachers.split(",") if t] if cfg.teachers else sorted(have)
+    missing = [t for t in names if t not in have]
+    if not names or missing:
+        raise SystemExit(f"{cfg.data}: teachers {missing or names} are not cached in every row (have {sorted(have)})")
+    return names
+
+
+def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
+    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings), take
+    every cached response of the chosen teachers on them (all labelled teacher), train D, save it to `out`."""
+    from data.dataset import load_jsonl
+    from discriminator import Discriminator, pretrain
+    from rollout import encode_prompts, generate
+    rows = load_jsonl(cfg.data)
+    names = teacher_names(cfg, rows)
+    rows = rank_slice(rows, 0, min(cfg.disc_questions, len(rows)) // world_size() * world_size(), cfg.seed + 1)
+    model, tok, proc = load_student(student, device, trainable=False)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    student_texts = []
+    for i in tqdm(range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
+        batch = rows[i:i + 16]
+        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], images_of(batch))
+        out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        repetition_penalty=cfg.repetition_penalty, generator=gen)
+        student_texts += decode(tok, out_.response_ids, out_.response_mask)
+    teacher_texts = [t for r in rows for n in names for t in r["teachers"][n]]
+    del model
+    disc = shard(Discriminator.from_student(student).to(device), device)
+    opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
+    stats = pretrain(disc, opt, tok, student_texts, teacher_texts, steps=cfg.disc_steps,
+                     batch_size=cfg.disc_batch_size // world_size(), max_len=cfg.max_disc_len,
+                     seed=cfg.seed * 1000 + rank)
+    if rank == 0:
+        print(f"discriminator pre-trained: {stats}", flush=True)
+    save_discriminator(disc, out)
+    barrier()
+
+
+def save_discriminator(disc, path: Path) -> None:
+    sd = full_state_dict(disc)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        disc.save_pretrained(path, state_dict=sd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: the RL loop (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo)
+
+def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator) -> dict:
+    """One batch of Algorithm 2 on this rank's questions; returns the step's metrics.
+
+    m holds the models and optimizers: policy, ref, tok, proc, popt, and for RIL disc, dopt; judge optional.
+    """
+    from rewards import answer_reward, combine_rewards, judge_rewards, similarity_reward
+    from rollout import encode_prompts, encode_responses, generate, response_logprobs
+    policy, tok, G, ril = m["policy"], m["tok"], cfg.group_size, cfg.algo == "ril"
+    t = {"rollout": time.time()}
+    # 1-2. pi_old <- pi_theta; G student samples per question (+ G cached teacher responses for RIL)
+    prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], images_of(batch))
+    with torch.no_grad():
+        roll = generate(policy, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        repetition_penalty=cfg.repetition_penalty, generator=gen)
+    ids, mask = roll.response_ids, roll.response_mask                        # [b*G, T]
+    k, n_trunc = G, 0
+    if ril:
+        rng = random.Random(f"{cfg.seed}-{step}-{batch[0]['id']}")
+        texts = [s for r in batch for s in teacher_slots(r, names, G, rng)]
+        t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+        width = max(ids.shape[1], t_ids.shape[1])
+        s3 = lambda x: pad_cols(x, width).view(len(batch), G, width)        # [b, G, T]
+        ids = torch.cat([s3(ids), s3(t_ids)], 1).view(-1, width)             # [b*2G, T]: G student, G teacher
+        mask = torch.cat([s3(mask), s3(t_mask)], 1).view(-1, width)
+        k = 2 * G
+    is_student = (torch.arange(ids.shape[0]) % k) < G                       # [N]
+    texts = decode(tok, ids, mask)
+    t["disc"] = time.time()
+    # 3. mu discriminator steps on the 2G responses (Eq. 1)
+    out = {}
+    if ril and cfg.similarity != "off":
+        from discriminator import p_student, update
+        s_txt = [x for x, s in zip(texts, is_student) if s]
+        t_txt = [x for x, s in zip(texts, is_student) if not s]
+        for _ in range(0 if cfg.freeze_disc else cfg.mu):
+            out.update({f"disc/{a}": b for a, b in update(m["disc"], m["dopt"], tok, s_txt, t_txt,
+                                                          cfg.max_disc_len).items()})
+    t["rewards"] = time.time()
+    # 4. rewards for all responses, group advantages
+    questions = [r["question"] for r in batch for _ in range(k)]
+    answers = [r["answer"] for r in batch for _ in range(k)]
+    r_ans = r_sim = None
+    if cfg.answer_reward == "rule" or not ril:
+        r_ans = torch.tensor([answer_reward(x, a) for x, a in zip(texts, answers)])
+    if cfg.answer_reward == "judge":
+        r_ans, jstats = judge_rewards(m["judge"], m["judge_tok"], questions, answers, texts)
+        out.update({f"judge/{a}": b for a, b in jstats.items()})
+    if ril and cfg.similarity != "off":
+        p = p_student(m["disc"], tok, texts, cfg.max_disc_len, batch_size=cfg.micro_batch)   # [N]
+        r_sim = similarity_reward(p, mode=cfg.similarity)
+        out["disc/p_student_on_student"] = p[is_student].mean().item()
+        out["disc/p_student_on_teacher"] = p[~is_student].mean().item()
+    if cfg.answer_reward == "off" and ril:
+        r_ans = None
+    R, parts = combine_rewards(r_sim, r_ans)
+    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo")   # [N]
+    t["update"] = time.time()
+    # 5. mu policy steps on Eq. 2 (pi_old = pi_theta at sampling time; with mu = 1 the ratio is exactly 1)
+    count = {"token-mean": mask.sum().item()}.get(cfg.loss_agg, float(mask.shape[0]))
+    scale_all = all_sum(count)
+    norm_len = cfg.max_new_tokens
+    mb = max(k, cfg.micro_batch // k * k)                                  # whole groups per micro-batch
+    micro = [slice(i, min(i + mb, ids.shape[0])) for i in range(0, ids.shape[0], mb)]
+    micro_prompts = [_prompts_for(prompts, s, k) for s in micro]
+    old, ref = [], []
+    with torch.no_grad():
+        for s, pr in zip(micro, micro_prompts):
+            old.append(response_logprobs(policy, pr, ids[s], mask[s], cfg.temperature) if cfg.mu > 1 else None)
+            ref.append(response_logprobs(m["ref"], pr, ids[s], mask[s], cfg.temperature) if cfg.beta else None)
+    stats_acc, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
+    for _ in range(cfg.mu):
+        losses = []
+        for j, (s, pr) in enumerate(zip(micro, micro_prompts)):
+            logp, ent = response_logprobs(policy, pr, ids[s], mask[s], cfg.temperature, return_entropy=True)
+            o = old[j] if old[j] is not None else logp.detach()
+            loss, st = policy_loss(logp, o, ref[j], adv[s], mask[s], clip_eps=cfg.clip_eps, beta=cfg.beta,
+                                   agg=cfg.loss_agg, norm_len=norm_len)
+            local = {"token-mean": mask[s].sum().item()}.get(cfg.loss_agg, float(mask[s].shape[0]))
+            (loss * token_mean_scale(local, scale_all)).backward()
+            losses.append(loss.detach() * local / max(count, 1))
+            stats_acc.append(st)
+            sm = (mask[s] & is_student[s, None]).float()
+            ent_sum, ent_n = ent_sum + (ent.detach() * sm).sum().item(), ent_n + sm.sum().item()
+        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        if all_sum(float(not torch.isfinite(gnorm).item() or not torch.isfinite(sum(losses)).item())) > 0:
+            skipped += 1                                                     # never reaches the weights
+            m["popt"].zero_grad(set_to_none=True)
+            continue
+        m["popt"].step()
+        m["popt"].zero_grad(set_to_none=True)
+    t["end"] = time.time()
+    st_mean = {key: sum(x[key] for x in stats_acc) / len(stats_acc) for key in ("clip_frac", "kl")}
+    s_mask = mask[is_student]
+    lengths = s_mask.sum(1).float()
+    out.update({
+        "reward/total": R[is_student].mean().item(),
+        "reward/answer": parts["answer"][is_student].mean().item() if parts.get("answer") is not None else None,
+        "reward/similarity": parts["similarity"][is_student].mean().item() if parts.get("similarity") is not None
+        else None,
+        "reward/teacher_answer": parts["answer"][~is_student].mean().item() if ril and parts.get("answer")
+        is not None else None,
+        "policy/loss": float(sum(losses)), "policy/kl": st_mean["kl"], "policy/clip_frac": st_mean["clip_frac"],
+        "policy/ratio_min": min(x["ratio_min"] for x in stats_acc),
+        "policy/ratio_max": max(x["ratio_max"] for x in stats_acc),
+        "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": float(gnorm), "policy/skipped": skipped,
+        "response/length": lengths.mean().item(), "response/length_max": lengths.max().item(),
+        "response/truncated_teacher": n_trunc,
+        "time/rollout": t["disc"] - t["rollout"], "time/disc": t["rewards"] - t["disc"],
+        "time/rewards": t["update"] - t["rewards"], "time/update": t["end"] - t["update"],
+        "tokens_per_s": lengths.sum().item() / max(t["disc"] - t["rollout"], 1e-9),
+        "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], R[0].item()),
+    })
+    return out
+
+
+def _prompts_for(prompts: dict, rows: slice, k: int) -> dict:
+    """The prompt rows that sequences `rows` belong to (k sequences per prompt, prompt-major)."""
+    from rollout import select_prompts
+    return select_prompts(prompts, list(range(rows.start // k, rows.stop // k)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, resumable
+
+def save_checkpoint(run: Path, step: int, m: dict, state: dict, gen: torch.Generator) -> None:
+    """runs/<name>/checkpoints/step-N: student (save_pretrained), discriminator, optimizers, RNG, step.
+    Written to a temporary folder and renamed, then `latest` is replaced atomically."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp, final = run / "checkpoints" / f"step-{step}.tmp", run / "checkpoints" / f"step-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_student(m["policy"], m["tok"], m["proc"], tmp / "student")
+    optim = {"policy": optim_state(m["policy"], m["popt"])}
+    if "disc" in m:
+        save_discriminator(m["disc"], tmp / "discriminator")
+        optim["disc"] = optim_state(m["disc"], m["dopt"])
+    torch.save({"generator": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
+               tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        torch.save(optim, tmp / "optimizers.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step)))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (run / "checkpoints" / "latest.tmp").write_text(final.name)
+        os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
+    barrier()
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    p = run / "checkpoints" / "latest"
+    return run / "checkpoints" / p.read_text().strip() if p.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
+    """The RL stage; returns the summary (held-out accuracy before and after)."""
+    from data.dataset import load_jsonl
+    rows, eval_rows = load_jsonl(cfg.data), load_jsonl(cfg.eval_data) if cfg.eval_data else []
+    ril = cfg.algo == "ril"
+    names = teacher_names(cfg, rows) if ril else []
+    if cfg.batch_size % world_size():
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world_size()} processes")
+    ckpt = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
+    m = {}
+    m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device)
+    m["ref"] = load_student(student, device, trainable=False)[0] if cfg.beta else None
+    m["popt"] = torch.optim.AdamW(m["policy"].parameters(), lr=cfg.lr, weight_decay=0.0)
+    if ril and cfg.similarity != "off":
+        from discriminator import Discriminator
+        m["disc"] = shard(Discriminator.from_pretrained(str(ckpt / "discriminator") if ckpt else disc_path)
+                          .to(device).train(not cfg.freeze_disc), device)
+        m["dopt"] = torch.optim.AdamW(m["disc"].parameters(), lr=cfg.disc_lr, weight_decay=0.0)
+    if cfg.answer_reward == "judge":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m["judge_tok"] = AutoTokenizer.from_pretrained(cfg.judge)
+        m["judge"] = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=torch.bfloat16 if device.type == "cuda"
+                                                          else torch.float32).to(device).eval()
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    state = {"skipped": 0, "accuracy_before": None}
+    if ckpt:
+        state = json.loads((ckpt / "state.json").read_text())
+        optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
+        optim_state(m["policy"], m["popt"], optim["policy"])
+        if "disc" in m:
+            optim_state(m["disc"], m["dopt"], optim["disc"])
+        rng = torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False)
+        gen.set_state(rng["generator"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+    elif eval_rows:
+        state["accuracy_before"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+        if rank == 0:
+            print(f"held-out accuracy before RL: {state['accuracy_before']:.3f}", flush=True)
+    metrics_path = run / "metrics.jsonl"
+    if rank == 0:  # a resumed run keeps only the rows up to its checkpoint
+        kept = [l for l in (metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else [])
+                if json.loads(l)["step"] <= state["step"]]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    start = state.get("step", 0)
+    bar = tqdm(range(start, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        batch = rank_slice(rows, step, cfg.batch_size, cfg.seed)
+        out = rl_step(cfg, step, batch, m, names, gen)
+        state["skipped"] += out["policy/skipped"]
+        sample = out.pop("_sample")
+        out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None}, "time/step": time.time() - t0}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows:
+            out["eval/accuracy"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(out) + "\n")
+            bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
+                             "sim": f"{out.get('reward/similarity', 0):.2f}", "len": f"{out['response/length']:.0f}"})
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                tqdm.write(f"[step {step + 1}] Q: {sample[0]} (answer {sample[1]})\n  -> {sample[2]!r} R={sample[3]}")
+        last = step + 1 == cfg.steps
+        stopping = all_sum(float(stop["flag"])) > 0
+        if last or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(run, step + 1, m, state, gen)
+        if stopping:
+            if rank == 0:
+                print(f"SIGTERM: saved step {step + 1} and stopped", flush=True)
+            sys.exit(0)
+    summary = {"accuracy_before": state["accuracy_before"], "skipped_steps": state["skipped"],
+               "config": dataclasses.asdict(cfg)}
+    if eval_rows:
+        summary["accuracy_after"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+    return summary
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    cfg = ensure_embedded(cfg, rank)
+    run = Path(cfg.out_dir) / cfg.name
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    student, disc = cfg.student, cfg.discriminator
+    if not cfg.student:  # the embedded pipeline: reuse each stage's output when it exists
+        student = str(TINY_DIR / "tiny-sft")
+        if cfg.stage == "sft" or (cfg.stage == "all" and not (Path(student) / "config.json").exists()):
+            sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), device, rank)
+        disc = disc or str(TINY_DIR / "tiny-disc")
+    elif cfg.stage == "sft":
+        sft(cfg, cfg.student, run / "sft", device, rank)
+    needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
+    if needs_disc and (cfg.stage == "disc" or not disc or not (Path(disc) / "config.json").exists()):
+        disc = disc or str(run / "discriminator")
+        pretrain_discriminator(cfg, student, Path(disc), device, rank)
+    if cfg.stage in ("all", "rl"):
+        summary = train_rl(cfg, student, disc, run, device, rank)
+        summary["wall_clock_s"] = time.time() - t0
+        if rank == 0:
+            (run / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"held-out accuracy: before {summary['accuracy_before']} -> after {summary.get('accuracy_after')} "
+                  f"({summary['wall_clock_s']:.0f}s, {summary['skipped_steps']} skipped steps)", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
