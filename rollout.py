@@ -1,1 +1,390 @@
-"""Rollout (not written yet): prompt encoding, hand-written KV-cache batched sampling, response log-probs."""
+"""Rollout: prompts in, responses out.
+
+    prompts = encode_prompts(tokenizer, image_processor, questions, images)   # left-padded, positions included
+    out = generate(model, prompts, max_new_tokens=128, num_samples=4, top_p=0.95, top_k=50)
+    logp = response_logprobs(model, prompts, out.response_ids, out.response_mask)  # [B*G, T]
+
+`generate` is a hand-written KV-cache decode loop rather than `model.generate`:
+- the vision tower and the prompt run once per prompt; the prompt's keys/values are then copied to its G samples;
+- the cache is one preallocated tensor per K and V, written in place; finished rows are dropped from it;
+- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL, from the image grid), and
+  nothing is read from or left on the model between calls (no `rope_deltas`);
+- we call the decoder layers' own submodules (norms, projections, MLP) and do attention ourselves with SDPA,
+  instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
+  layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
+`response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
+position ids. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
+top-k, top-p), in float32. Supported decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (and text-only Qwen2 LLMs).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------------------
+# The family-specific part: how an image becomes placeholder tokens and which positions they get.
+# Keyed by the image processor's class name. Another family (e.g. InternVL: `<IMG_CONTEXT>` x 256 per tile,
+# 1-D positions) is one more entry; text-only batches need no entry (plain 1-D positions).
+
+
+def qwen_image_tokens(grid_thw: torch.Tensor, image_processor) -> int:
+    """Qwen2-VL family: one token per merge x merge block of 14 px patches."""
+    return int(grid_thw.prod()) // image_processor.merge_size ** 2
+
+
+def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.Tensor], merge: int) -> torch.Tensor:
+    """3-D (t, h, w) positions [3, L] of one unpadded row, as Qwen2-VL's get_rope_index: a text token advances all
+    three by 1; an image's tokens get (p + t, p + row, p + col) and the text after it starts at p + max(h, w)."""
+    pos, cur, i, grids = [], 0, 0, iter(grids)
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] != image_token_id:                      # a run of text tokens
+            j += 1
+        pos.append(torch.arange(cur, cur + j - i).expand(3, -1))              # [3, j - i]
+        cur, i = cur + j - i, j
+        if i < len(ids):                                                      # an image
+            t, h, w = (int(x) for x in next(grids))
+            h, w = h // merge, w // merge
+            thw = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pos.append(torch.stack(thw).reshape(3, -1) + cur)                 # [3, t*h*w]
+            cur, i = cur + max(h, w), i + t * h * w
+    return torch.cat(pos, 1)
+
+
+FAMILIES = {
+    "Qwen2VLImageProcessor": dict(image_token="<|image_pad|>", n_tokens=qwen_image_tokens, positions="mrope"),
+}
+
+
+def family_of(image_processor) -> dict:
+    name = type(image_processor).__name__
+    for prefix, family in FAMILIES.items():
+        if name.startswith(prefix):
+            return family
+    raise ValueError(f"no rollout family for image processor {name}; add one to rollout.FAMILIES")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and responses as tensors
+
+
+def encode_prompts(tokenizer, image_processor, questions: list[str], images: list, system: str | None = None) -> dict:
+    """Chat prompts for a batch, left-padded. `images[i]` is a PIL image, a path, or None (text-only).
+
+    Returns input_ids / attention_mask / mm_token_type_ids [B, P], position_ids ([3, B, P] when the batch has
+    images of an mRoPE family, else [B, P]), next_position [B] (the position of the first response token), and
+    pixel_values / image_grid_thw when there are images."""
+    rows, vision = [], [im for im in images if im is not None]
+    vision = [Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im for im in vision]
+    family = family_of(image_processor) if vision else None
+    pix = image_processor(images=vision, return_tensors="pt") if vision else {}
+    grids = iter(pix["image_grid_thw"]) if vision else None
+    for question, image in zip(questions, images):
+        content = question if image is None else [{"type": "image"}, {"type": "text", "text": question}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids, row_grids = [], []
+        for tok in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if family and tok == tokenizer.convert_tokens_to_ids(family["image_token"]):
+                row_grids.append(next(grids))                                # expand the placeholder to n tokens
+                ids += [tok] * family["n_tokens"](row_grids[-1], image_processor)
+            else:
+                ids.append(tok)
+        if family and family["positions"] == "mrope":
+            img_id = tokenizer.convert_tokens_to_ids(family["image_token"])
+            pos = qwen_mrope_positions(ids, img_id, row_grids, image_processor.merge_size)  # [3, L]
+        else:
+            pos = torch.arange(len(ids))[None]                                  # [1, L]
+        rows.append((ids, pos))
+    P = max(len(ids) for ids, _ in rows)
+    B, D = len(rows), rows[0][1].shape[0]
+    input_ids = torch.full((B, P), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P, dtype=torch.long)
+    position_ids = torch.zeros(D, B, P, dtype=torch.long)
+    for b, (ids, pos) in enumerate(rows):
+        input_ids[b, P - len(ids):] = torch.tensor(ids)
+        attention_mask[b, P - len(ids):] = 1
+        position_ids[:, b, P - len(ids):] = pos
+    img_id = tokenizer.convert_tokens_to_ids(family["image_token"]) if family else -1
+    out = dict(input_ids=input_ids, attention_mask=attention_mask,
+               mm_token_type_ids=(input_ids == img_id).long(),                 # 1 on image tokens (for HF)
+               position_ids=position_ids if D == 3 else position_ids[0],
+               next_position=position_ids.amax((0, 2)) + 1)                     # [B]
+    if vision:
+        out.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+    return out
+
+
+def select_prompts(prompts: dict, index) -> dict:
+    """The prompt rows `index` (a list or LongTensor; repeats allowed), with their images' pixel_values and
+    image_grid_thw (rows without an image contribute none) and left-padding columns no row needs removed."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    out = {k: prompts[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "next_position")}
+    out["position_ids"] = prompts["position_ids"][..., index, :]
+    if "pixel_values" in prompts:
+        has_image = prompts["mm_token_type_ids"].any(1)                        # [B], one image per row at most
+        image_of_row = has_image.long().cumsum(0) - 1                          # [B]
+        images = image_of_row[index][has_image[index]]                         # the selected images, in order
+        sizes = prompts["image_grid_thw"].prod(-1)                             # patches per image
+        starts = sizes.cumsum(0) - sizes
+        if len(images):
+            patch_rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in images.tolist()])
+            out.update(pixel_values=prompts["pixel_values"][patch_rows], image_grid_thw=prompts["image_grid_thw"][images])
+    first = int(out["attention_mask"].any(0).long().argmax())                  # first column some row uses
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids"):
+        out[k] = out[k][..., first:]
+    return out
+
+
+def encode_responses(tokenizer, texts: list[str], max_new_tokens: int, eos_token_id) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cached response texts as (response_ids [N, T], response_mask [N, T], n_truncated): tokens + EOS, right-padded.
+    A response longer than max_new_tokens (EOS included) is cut there, has no EOS, and is counted."""
+    eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    n_truncated = sum(len(s) > max_new_tokens for s in seqs)
+    seqs = [s[:max_new_tokens] for s in seqs]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
+    return ids, mask, n_truncated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model, layer by layer
+
+
+def text_model(model):
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a VLM or of a text-only LLM."""
+    return getattr(model.model, "language_model", model.model)
+
+
+def placeholder_ids(model) -> list[int]:
+    """Token ids the sampler must never emit: the image / video placeholders (they break the next vision forward)."""
+    return [i for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+            if i is not None]
+
+
+def embed_prompts(model, prompts: dict) -> torch.Tensor:
+    """Token embeddings of the prompts with the vision tower's features scattered over the image tokens. [B, P, d]"""
+    ids = prompts["input_ids"]
+    x = text_model(model).embed_tokens(ids)                                   # [B, P, d]
+    if "pixel_values" in prompts:
+        feats = torch.cat(model.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"]).pooler_output)
+        x = x.masked_scatter((ids == model.config.image_token_id)[..., None], feats.to(x.dtype))
+    return x
+
+
+def rope(x, cos, sin):
+    """Rotary embedding (rotate-half convention); cos/sin [n, L, D] already hold the mRoPE sections."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, mask):
+    """One decoder layer on x [n, L, d]: writes its keys/values into the cache at [start, start+L) in place and
+    attends to the cache up to start+L under `mask` [n, 1, L, start+L] (bool, True = may attend)."""
+    attn, (n, L, _) = layer.self_attn, x.shape
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)          # [n, Hq, L, D]
+    k = attn.k_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)          # [n, Hkv, L, D]
+    v = attn.v_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)
+    k_cache[:, :, start:start + L] = rope(k, cos, sin)
+    v_cache[:, :, start:start + L] = v
+    o = F.scaled_dot_product_attention(rope(q, cos, sin), k_cache[:, :, :start + L], v_cache[:, :, :start + L],
+                                       attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # [n, Hq, L, D]
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(n, L, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def forward(model, x, position_ids, k, v, start: int, mask) -> torch.Tensor:
+    """All decoder layers on embeddings x [n, L, d] with the cache k, v [layers, n, Hkv, S, D]; logits of the last
+    position, float32 [n, V]."""
+    lm = text_model(model)
+    cos, sin = lm.rotary_emb(x, position_ids)                                 # [n, L, D]
+    for i, layer in enumerate(lm.layers):
+        x = decoder_layer(layer, x, cos, sin, k[i], v[i], start, mask)
+    return model.lm_head(lm.norm(x[:, -1])).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache handling
+
+
+def allocate_cache(model, n: int, length: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty K and V caches [layers, n, Hkv, length, D], filled in place during decoding."""
+    lm, cfg = text_model(model), text_model(model).config
+    head_dim = lm.layers[0].self_attn.head_dim
+    shape = (len(lm.layers), n, cfg.num_key_value_heads, length, head_dim)
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+
+
+def share_prefill(k, v, num_samples: int, P: int):
+    """Copy the prompt's keys/values from sample 0 of each group (where the prefill wrote them) to samples 1..G-1."""
+    for c in (k, v):
+        g = c[:, :, :, :P].unflatten(1, (-1, num_samples))                     # [layers, B, G, Hkv, P, D] (a view)
+        g[:, :, 1:] = g[:, :, :1]
+
+
+# Dropping a row copies the whole cache, so ended rows are dropped together, once they are 1/DROP_EVERY of the
+# batch: an ended row left in the batch costs one row of forward per step, well under a copy of every row's cache.
+DROP_EVERY = 8
+
+
+def drop_rows(keep, k, v, *rows):
+    """Remove ended rows from the cache and from every per-row tensor (dim 0). Returns them in order."""
+    return (k[:, keep], v[:, keep], *(r[keep] for r in rows))
+
+
+@contextmanager
+def unsharded(model):
+    """Keep an FSDP2 model's parameters unsharded for the whole block: one all-gather per module on entry, none
+    per token, resharded on exit. A no-op for a plain model."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    states = [m._get_fsdp_state() for m in mods]
+    saved = [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups]) for s in states]
+    if states:
+        states[0]._lazy_init()    # as the root's first forward would: else inner modules called alone act as roots
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)                     # forwards inside must not reshard
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m, s, (auto, infos) in zip(mods, states, saved):
+            s._auto_reshard_after_forward = auto                               # restore exactly what was set
+            for g, info in zip(s._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = info
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (transformers' processors, same order: repetition penalty, temperature, top-k, top-p)
+
+
+def process_logits(logits, seen, *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, banned=()):
+    """Processed float32 scores [n, V] from logits [n, V]; `seen` [n, V] marks prompt and generated tokens."""
+    x = logits.float()
+    if repetition_penalty != 1.0:                                             # divide positive, multiply negative
+        x = torch.where(seen, torch.where(x < 0, x * repetition_penalty, x / repetition_penalty), x)
+    if len(banned):
+        x[:, list(banned)] = -float("inf")
+    if temperature > 0 and temperature != 1.0:
+        x = x / temperature
+    if temperature > 0 and top_k > 0:                                         # keep the k largest (ties kept)
+        x = x.masked_fill(x < x.topk(min(top_k, x.shape[-1])).values[:, -1:], -float("inf"))
+    if temperature > 0 and top_p < 1.0:                                       # drop the tail of mass <= 1 - top_p
+        sorted_x, order = x.sort(-1)
+        remove = sorted_x.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[:, -1] = False                                                 # keep at least one token
+        x = x.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return x
+
+
+def sample_next(logits, seen, *, temperature, top_k, top_p, repetition_penalty, banned, generator) -> torch.Tensor:
+    """Next token per row [n]: argmax when temperature == 0, else a draw from softmax(processed scores)."""
+    x = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, banned=banned)
+    if temperature == 0:
+        return x.argmax(-1)
+    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Rollout:
+    response_ids: torch.Tensor   # [B*G, T] long; row b*G + j is sample j of prompt b; pad after the end
+    response_mask: torch.Tensor  # [B*G, T] bool; True up to and including the first EOS
+
+
+def eos_list(model, eos_token_id) -> list[int]:
+    """The stop tokens: eos_token_id (int or list), or the model's generation_config when None."""
+    eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+@torch.no_grad()
+def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id=None,
+             pad_token_id: int = 0, generator: torch.Generator | None = None) -> Rollout:
+    """Sample `num_samples` responses per prompt with a hand-written KV cache. temperature=0 is greedy.
+    eos_token_id=None uses model.generation_config.eos_token_id; pass [] to never stop early."""
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 banned=placeholder_ids(model), generator=generator)
+    ids, G = prompts["input_ids"], num_samples
+    (B, P), n, device = ids.shape, ids.shape[0] * num_samples, ids.device
+    eos = torch.tensor(eos_list(model, eos_token_id), dtype=torch.long, device=device)
+    with unsharded(model):
+        # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
+        x = embed_prompts(model, prompts)                                     # [B, P, d]
+        k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype, device)
+        valid = torch.zeros(n, P + max_new_tokens, dtype=torch.bool, device=device)
+        valid[:, :P] = prompts["attention_mask"].bool().repeat_interleave(G, 0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = (causal & valid[::G, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # pads see themselves
+        logits = forward(model, x, prompts["position_ids"], k[:, ::G], v[:, ::G], 0, mask)  # [B, V]
+        share_prefill(k, v, G, P)
+        logits = logits.repeat_interleave(G, 0)                               # [n, V]
+        seen = torch.zeros(n, logits.shape[-1], device=device)                # [n, V] prompt tokens, not pads
+        seen = seen.scatter_add_(1, ids.repeat_interleave(G, 0), valid[:, :P].float()) > 0
+        next_pos = prompts["next_position"].to(device).repeat_interleave(G)   # [n]
+        rows = torch.arange(n, device=device)                                 # original row of each batch row
+        done = torch.zeros(n, dtype=torch.bool, device=device)                # ended, still in the batch
+        out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        # Decode: one token per row per step; ended rows leave the batch in groups of >= 1/DROP_EVERY of it.
+        for t in range(max_new_tokens):
+            tok = sample_next(logits, seen, **knobs)                          # [m]
+            out[rows, t] = tok                                                # (masked to pad below once ended)
+            lengths[rows] += (~done).long()
+            done |= torch.isin(tok, eos)
+            if t == max_new_tokens - 1 or done.all():
+                break
+            if int(done.sum()) * DROP_EVERY >= len(done):
+                k, v, rows, tok, seen, valid, next_pos, done = drop_rows(~done, k, v, rows, tok, seen, valid, next_pos, done)
+            seen[torch.arange(len(tok), device=device), tok] = True
+            valid[:, P + t] = True
+            x = text_model(model).embed_tokens(tok)[:, None]                  # [m, 1, d]
+            logits = forward(model, x, (next_pos + t)[:, None], k, v, P + t, valid[:, None, None, :P + t + 1])
+    T = int(lengths.max())
+    mask = torch.arange(T, device=device) < lengths[:, None]                 # [n, T]
+    return Rollout(out[:, :T].masked_fill(~mask, pad_token_id), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher-forced log-probs
+
+
+def response_logprobs(model, prompts: dict, response_ids, response_mask, temperature: float = 1.0,
+                      return_entropy: bool = False):
+    """log pi(token) [N, T] of each response token under softmax(logits / temperature), from one teacher-forced
+    forward of the model with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows
+    or N/k (prompt-major: response n belongs to prompt n // k). With return_entropy, also the exact entropy of
+    each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
+    N, T = response_ids.shape
+    B = prompts["input_ids"].shape[0]
+    if B != N:
+        prompts = select_prompts(prompts, torch.arange(N, device=response_ids.device) // (N // B))
+    resp_pos = prompts["next_position"][:, None] + torch.arange(T, device=response_ids.device)  # [N, T]
+    pos = prompts["position_ids"]
+    pos = torch.cat([pos, resp_pos.expand(*pos.shape[:-2], N, T)], -1)        # [(3,) N, P+T]
+    vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
+    logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1),
+                   attention_mask=torch.cat([prompts["attention_mask"], response_mask.long()], 1),
+                   position_ids=pos, use_cache=False, logits_to_keep=T + 1, **vision).logits
+    logp = (logits[:, :-1].float() / temperature).log_softmax(-1)             # [N, T, V]
+    token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
+    if not return_entropy:
+        return token_logp
+    entropy = -(logp.exp() * logp).sum(-1).masked_fill(~response_mask, 0.0)  # [N, T]
+    return token_logp, entropy

@@ -1,0 +1,129 @@
+"""Benchmark: rollout.generate against transformers' model.generate, same settings, one process.
+
+    python bench.py                                  # tiny student (built on the fly if no --student)
+    python bench.py --student checkpoints/sft --data data/embedded
+
+RL-shaped workload: 16 prompts with images x 8 samples, temperature 1.0, top-p 0.95, top-k 50, repetition
+penalty 1.05, up to 128 new tokens; once with EOS (rows end at varied lengths) and once with EOS disabled
+(every row runs the full 128 tokens). Prints generated tokens per second for both, the ratio, and where
+rollout.generate spends its time (model forward incl. prefill and vision, sampling, cache handling).
+Absolute numbers mean little on a shared CPU; the ratios are the point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+import rollout
+
+SHARES = {"forward": ["embed_prompts", "forward"], "sampling": ["sample_next"],
+          "cache": ["allocate_cache", "share_prefill", "drop_rows"]}
+
+
+def timed(name, fn, clock, sync):
+    """fn, accumulating its wall time into clock[name]."""
+    def wrapper(*args, **kwargs):
+        sync()
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        clock[name] += time.perf_counter() - t
+        return out
+    return wrapper
+
+
+def response_tokens(ids: torch.Tensor, eos: list[int]) -> int:
+    """Tokens generated per row up to and including the first EOS, summed. ids [N, T]."""
+    T = ids.shape[1]
+    is_eos = torch.isin(ids, torch.tensor(eos, device=ids.device)) if eos else torch.zeros_like(ids, dtype=torch.bool)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(ids[:, 0], T))
+    return int(first.sum())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default=None, help="checkpoint folder; default: build the tiny student")
+    p.add_argument("--data", default="data/embedded", help="embedded dataset folder (built if missing)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    data = Path(a.data)
+    if not (data / "train.jsonl").exists():
+        from data.build import build
+        data = build(Path(tempfile.mkdtemp()) / "embedded", seed=0, sizes={"sft": 50, "train": 64, "val": 10, "test": 10})
+    if a.student is None:
+        from data.tiny_student import build_tiny_student
+        a.student = build_tiny_student(data, Path(tempfile.mkdtemp()) / "tiny-student", seed=0)
+    tok, ip = AutoTokenizer.from_pretrained(a.student), AutoImageProcessor.from_pretrained(a.student)
+    model = AutoModelForImageTextToText.from_pretrained(a.student).to(a.device).eval()
+    rows = [json.loads(line) for line in open(data / "train.jsonl")][:a.prompts]
+    prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows], [data / r["image"] for r in rows])
+    prompts = {k: v.to(a.device) for k, v in prompts.items()}
+    knobs = dict(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.05)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    eos = rollout.eos_list(model, None)
+    print(f"device {a.device} ({torch.get_num_threads()} threads), student {a.student}")
+    print(f"workload: {len(rows)} prompts x {a.samples} samples, {knobs}, max_new_tokens {a.max_new_tokens}")
+
+    def ours(eos_ids):
+        out = rollout.generate(model, prompts, max_new_tokens=a.max_new_tokens, num_samples=a.samples,
+                               eos_token_id=eos_ids, generator=torch.Generator(a.device).manual_seed(a.seed), **knobs)
+        return int(out.response_mask.sum())
+
+    def theirs(eos_ids):
+        saved, model.generation_config.eos_token_id = model.generation_config.eos_token_id, (eos_ids or None)
+        vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw")}
+        try:
+            out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                                 mm_token_type_ids=prompts["mm_token_type_ids"], do_sample=True,
+                                 num_return_sequences=a.samples, max_new_tokens=a.max_new_tokens, pad_token_id=0,
+                                 suppress_tokens=rollout.placeholder_ids(model), **vision, **knobs)
+        finally:
+            model.generation_config.eos_token_id = saved
+        return response_tokens(out[:, prompts["input_ids"].shape[1]:], eos_ids)
+
+    def clock(fn, eos_ids):
+        torch.manual_seed(a.seed)
+        sync()
+        t = time.perf_counter()
+        n = fn(eos_ids)
+        sync()
+        return n, time.perf_counter() - t
+
+    a_small = a.max_new_tokens
+    a.max_new_tokens = 4                                                          # warm-up
+    ours(eos), theirs(eos)
+    a.max_new_tokens = a_small
+    for mode, eos_ids in (("EOS on", eos), ("EOS off", [])):
+        n_hf, t_hf = clock(theirs, eos_ids)
+        spent = defaultdict(float)
+        originals = {name: getattr(rollout, name) for names in SHARES.values() for name in names}
+        for name, fn in originals.items():
+            setattr(rollout, name, timed(name, fn, spent, sync))
+        try:
+            n_us, t_us = clock(ours, eos_ids)
+        finally:
+            for name, fn in originals.items():
+                setattr(rollout, name, fn)
+        print(f"\n[{mode}] transformers generate: {n_hf} tokens in {t_hf:.2f} s = {n_hf / t_hf:.0f} tok/s")
+        print(f"[{mode}] rollout.generate:      {n_us} tokens in {t_us:.2f} s = {n_us / t_us:.0f} tok/s")
+        print(f"[{mode}] speed-up (tokens/s): {n_us / t_us / (n_hf / t_hf):.2f}x")
+        shares = {k: sum(spent[n] for n in names) / t_us for k, names in SHARES.items()}
+        shares["other (loop, bookkeeping)"] = 1 - sum(shares.values())
+        print(f"[{mode}] rollout time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""rollout.py against transformers: greedy decoding, teacher-forced log-probs, sampling knobs, masks, helpers."""
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+import rollout as R
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine: one thread is several times faster than two fighting for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_student):
+    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_student).eval(), tok, ip
+
+
+@pytest.fixture(scope="module")
+def qwen2vl(student):
+    """A second architecture and size: Qwen2-VL, 2 layers, 96 wide, 3 heads / 1 KV head, other mRoPE sections."""
+    _, tok, ip = student
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                      "<|vision_end|>", "<|im_end|>")}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, initializer_range=0.1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 7, 7]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=0),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(1)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return model, tok, ip
+
+
+@pytest.fixture(scope="module")
+def batch(embedded):
+    """Four questions of different lengths: three images of different sizes (9, 8 and 6 image tokens), one text-only."""
+    rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
+    images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
+    images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]
+    return [r["question"] + " Think." * i for i, r in enumerate(rows)], images
+
+
+def hf_generate(model, prompts, **kw):
+    """transformers' generate on the same tensors (mm_token_type_ids given, so it uses real 3-D positions)."""
+    vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
+    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                         mm_token_type_ids=prompts["mm_token_type_ids"], pad_token_id=0,
+                         suppress_tokens=R.placeholder_ids(model), **vision, **kw)
+    return out[:, prompts["input_ids"].shape[1]:]
+
+
+def test_positions_match_get_rope_index(student, batch):
+    model, tok, ip = student
+    p = R.encode_prompts(tok, ip, *batch)
+    pos, deltas = model.model.get_rope_index(p["input_ids"], p["mm_token_type_ids"], p["image_grid_thw"],
+                                             attention_mask=p["attention_mask"])
+    m = p["attention_mask"].bool()
+    assert torch.equal(p["position_ids"][:, m], pos[:, m])
+    assert torch.equal(p["next_position"], deltas[:, 0] + m.sum(1))
+    assert (p["mm_token_type_ids"].sum(1) == torch.tensor([9, 8, 0, 6])).all()
+
+
+@pytest.mark.parametrize("which", ["student", "qwen2vl"])
+def test_greedy_equals_transformers(which, request, batch):
+    model, tok, ip = request.getfixturevalue(which)
+    p = R.encode_prompts(tok, ip, *batch, system="Answer briefly.")
+    for kw in (dict(), dict(repetition_penalty=1.3)):  # the penalty makes random-weight greedy output less repetitive
+        free = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=[], **kw)
+        eos = int(free.response_ids[0, 4])                       # a token row 0 emits: rows end early
+        ours = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=eos, **kw)
+        theirs = hf_generate(model, p, max_new_tokens=12, do_sample=False, eos_token_id=eos, **kw)
+        assert torch.equal(ours.response_ids, theirs), (ours.response_ids, theirs)
+        assert ours.response_mask.sum(1).min() < 12
+
+
+@pytest.mark.parametrize("which", ["student", "qwen2vl"])
+def test_response_logprobs_match_unpadded_forward(which, request, batch):
+    model, tok, ip = request.getfixturevalue(which)
+    p = R.encode_prompts(tok, ip, *batch)
+    g = torch.Generator().manual_seed(0)
+    out = R.generate(model, p, max_new_tokens=10, num_samples=2, top_k=50, top_p=0.95, repetition_penalty=1.05,
+                     temperature=1.0, generator=g, eos_token_id=[])
+    mask = out.response_mask.clone()
+    mask[1, 6:] = False                                          # a shorter response, right-padded
+    ids = out.response_ids.masked_fill(~mask, 0)
+    logp, ent = R.response_logprobs(model, p, ids, mask, temperature=0.7, return_entropy=True)  # N/k prompt rows
+    assert torch.equal(logp, R.response_logprobs(model, R.select_prompts(p, torch.arange(8) // 2), ids, mask, 0.7))
+    for n in range(8):
+        b, L = n // 2, int(mask[n].sum())
+        keep = p["attention_mask"][b].bool()
+        seq = torch.cat([p["input_ids"][b, keep], ids[n, :L]])[None]
+        one = R.select_prompts(p, [b])
+        vision = {k: one[k] for k in ("pixel_values", "image_grid_thw") if k in one}
+        logits = model(input_ids=seq, mm_token_type_ids=(seq == model.config.image_token_id).long(), **vision).logits
+        ref = (logits[0, -L - 1:-1].float() / 0.7).log_softmax(-1)  # [L, V]
+        torch.testing.assert_close(logp[n, :L], ref.gather(-1, ids[n, :L, None])[:, 0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ent[n, :L], -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=0)
+        assert (logp[n, L:] == 0).all() and (ent[n, L:] == 0).all()
+    model.zero_grad()
+    R.response_logprobs(model, p, ids, mask).sum().backward()   # differentiable
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_sampling_knobs_match_transformers_processors():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(6, 300) * 3, torch.randint(0, 300, (6, 20))
+    seen = torch.zeros(6, 300, dtype=torch.bool).scatter_(1, ids, True)
+    cases = [(dict(repetition_penalty=1.3), [RepetitionPenaltyLogitsProcessor(1.3)]),
+             (dict(temperature=0.6), [TemperatureLogitsWarper(0.6)]),
+             (dict(top_k=7), [TopKLogitsWarper(7)]),
+             (dict(top_p=0.8), [TopPLogitsWarper(0.8)]),
+             (dict(repetition_penalty=1.05, temperature=1.0, top_k=50, top_p=0.95),
+              [RepetitionPenaltyLogitsProcessor(1.05), TopKLogitsWarper(50), TopPLogitsWarper(0.95)])]
+    for ours, theirs in cases:
+        expect = LogitsProcessorList(theirs)(ids, logits.clone())
+        assert torch.equal(R.process_logits(logits, seen, **ours), expect), ours
+    banned = R.process_logits(logits, seen, banned=[3, 5])
+    assert banned[:, [3, 5]].eq(-float("inf")).all() and torch.equal(banned[:, 6:], logits[:, 6:])
+
+
+def test_sampling_is_reproducible_with_a_generator(student, batch):
+    model, tok, ip = student
+    p = R.encode_prompts(tok, ip, *batch)
+    kw = dict(max_new_tokens=8, num_samples=3, top_k=50, top_p=0.95, eos_token_id=[])
+    a = R.generate(model, p, generator=torch.Generator().manual_seed(3), **kw)
+    b = R.generate(model, p, generator=torch.Generator().manual_seed(3), **kw)
+    c = R.generate(model, p, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    assert a.response_ids.shape == (12, 8)
+
+
+def test_early_end_padding_masks_and_no_placeholders(student, batch):
+    model, tok, ip = student
+    model = copy.deepcopy(model)
+    bias = torch.zeros(model.lm_head.out_features)
+    bias[R.placeholder_ids(model)] = 50.0                        # the model now prefers placeholder tokens
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model.lm_head.bias.data[eos] = 4.0                           # and ends often
+    p = R.encode_prompts(tok, ip, *batch)
+    out = R.generate(model, p, max_new_tokens=16, num_samples=4, pad_token_id=7,
+                     generator=torch.Generator().manual_seed(0))  # eos from generation_config
+    ids, mask = out.response_ids, out.response_mask
+    assert ids.shape == mask.shape and ids.shape[0] == 16 and ids.shape[1] <= 16
+    assert not torch.isin(ids, torch.tensor(R.placeholder_ids(model))).any()
+    lengths = mask.sum(1)
+    assert torch.equal(mask, torch.arange(ids.shape[1]) < lengths[:, None])  # a prefix
+    assert (ids[~mask] == 7).all()
+    for row, L in zip(ids, lengths.tolist()):
+        assert (row[:L - 1] != eos).all()                        # nothing after the first EOS
+        assert row[L - 1] == eos or L == 16
+    assert (lengths < 16).sum() >= 4 and (lengths == 1).sum() < 16
+
+
+def test_select_prompts_matches_encoding_those_rows(student, batch):
+    model, tok, ip = student
+    qs, ims = batch
+    p = R.encode_prompts(tok, ip, qs, ims)
+    for index in ([3, 0], [2], [1, 2, 1]):
+        sel = R.select_prompts(p, torch.tensor(index))
+        direct = R.encode_prompts(tok, ip, [qs[i] for i in index], [ims[i] for i in index])
+        for k in direct:
+            got = sel[k] if not (k == "position_ids" and direct[k].dim() == 2) else sel[k][0]
+            assert torch.equal(got, direct[k]), (index, k)
+        assert set(sel) == set(direct)
+
+
+def test_encode_responses_appends_eos_pads_and_counts_truncation(student):
+    _, tok, _ = student
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    long = "Step 1: the objects. I see a red circle at left. " * 5
+    ids, mask, n_trunc = R.encode_responses(tok, ["The answer is \\boxed{2}.", long], 20, eos)
+    n0 = len(tok("The answer is \\boxed{2}.", add_special_tokens=False)["input_ids"])
+    assert ids.shape == (2, 20) and n_trunc == 1
+    assert ids[0, n0] == eos and mask[0].sum() == n0 + 1 and (ids[0, n0 + 1:] == tok.pad_token_id).all()
+    assert mask[1].all() and (ids[1] != eos).all()
+    assert tok.decode(ids[0, :n0]) == "The answer is \\boxed{2}."
