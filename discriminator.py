@@ -1,1 +1,243 @@
-"""The LLM discriminator (not written yet): built from the student, its prompt, Eq. 1 loss, pre-training and update."""
+"""The LLM discriminator D of RIL: does this response read like the student (1) or a teacher (0)?
+
+- `Discriminator`: the student's language model (embeddings + decoder layers + final norm; no vision
+  tower, the input is text only), weights copied from the student so that D starts as strong as the
+  policy it judges (the paper's answer to the GAN balance problem), with the LM head replaced by a
+  linear head d -> 1 read at the last non-pad token of the final layer. D(o) = sigmoid(logit).
+- its prompt: a system message that states the task, then the response inside <response></response>;
+  no question, no image (as in the paper).
+- `discriminator_loss`: Eq. 1 as binary cross-entropy, label 1 = student, 0 = teacher.
+- `pretrain` over cached (student, teacher) responses, and `update`, the mu = 1 per-batch step inside the
+  RL loop (Algorithm 2, step 3). Both work on a plain module or one sharded with FSDP2 under torchrun.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+log = logging.getLogger(__name__)
+
+SYSTEM = ("You are a discriminator. Say who wrote the response inside <response></response>: "
+          "the teacher (0) or the student (1).")
+HEAD_FILE = "discriminator_head.safetensors"
+
+
+class Discriminator(nn.Module):
+    """D(o) = sigmoid(head(h_last)): a causal LM backbone with a d -> 1 head on the last real token.
+    The decoder layers are `disc.backbone.layers` (shard each with FSDP2 `fully_shard`, then the root)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone  # embed_tokens, layers, norm (e.g. Qwen2_5_VLTextModel, Qwen2Model)
+        self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
+        nn.init.zeros_(self.head.weight)  # D starts undecided: p(student) = 0.5 for every response
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B] (pre-sigmoid; sigmoid = p(student)) for left- or right-padded input_ids [B, L]."""
+        mask = attention_mask.long()  # [B, L]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..n-1 under left padding
+        h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # [B, L, d]
+        last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # [B] index of the last real token
+        h_last = h[torch.arange(h.size(0), device=h.device), last]  # [B, d]
+        return self.head(h_last).squeeze(-1).float()  # [B]
+
+    @classmethod
+    def from_student(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":
+        """D initialised from a student checkpoint by path (the paper), or from any other checkpoint:
+        a VLM gives its language model (vision tower dropped), a text-only causal LM its base model."""
+        return cls(_text_backbone(AutoModel.from_pretrained(path, dtype=dtype)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":
+        """Load what `save_pretrained(path)` wrote: the backbone (transformers format) plus the head."""
+        disc = cls(AutoModel.from_pretrained(path, dtype=dtype))
+        disc.head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(Path(path) / HEAD_FILE)).items()})
+        return disc
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None, tokenizer=None) -> None:
+        """Write the backbone with its own `save_pretrained` and the head to HEAD_FILE. Under FSDP2 pass the
+        gathered full `state_dict` of this module (keys "backbone.*", "head.*") and call on rank 0 only."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        body = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        head = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("head.")}
+        self.backbone.save_pretrained(path, state_dict=body)
+        save_file(head, str(path / HEAD_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def _text_backbone(model: nn.Module) -> nn.Module:
+    """The text model inside whatever AutoModel loaded: VLM -> .language_model, causal LM -> base model."""
+    model = getattr(model, "language_model", model)
+    return getattr(model, "base_model", model)
+
+
+# -----------------------------------------------------------------------------
+# The prompt
+
+def prompt_parts(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids before and after the response: chat template with SYSTEM, user "<response>...</response>",
+    and the assistant turn opened (D is read where the model would start to answer 0 or 1)."""
+    marker = "\x00RESPONSE\x00"
+    user = f"<response>{marker}</response>"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:  # a tokenizer without a chat template (a base LM): plain text, same structure
+        text = f"{SYSTEM}\n\n{user}\n\nAnswer:"
+    before, after = text.split(marker)
+    return (tokenizer(before, add_special_tokens=False)["input_ids"],
+            tokenizer(after, add_special_tokens=False)["input_ids"])
+
+
+def encode_for_discriminator(tokenizer, responses: list[str], max_len: int) -> tuple[dict, int]:
+    """Left-padded {"input_ids", "attention_mask"} [N, L <= max_len] and the number of responses cut.
+    A response too long for max_len keeps its end (where the answer is): truncated from the left, logged."""
+    before, after = prompt_parts(tokenizer)
+    budget = max_len - len(before) - len(after)
+    if budget < 1:
+        raise ValueError(f"max_len={max_len} leaves no room for a response (the prompt takes "
+                         f"{len(before) + len(after)} tokens)")
+    # split_special_tokens: a response that spells "<|im_end|>" cannot close the prompt early
+    body = tokenizer(list(responses), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    n_cut = sum(len(b) > budget for b in body)
+    if n_cut:
+        log.warning("discriminator: %d/%d responses longer than %d tokens, truncated from the left",
+                    n_cut, len(body), budget)
+    seqs = [before + (b[-budget:] if len(b) > budget else b) + after for b in body]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)  # [N, L]
+    attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)  # [N, L]
+    for i, s in enumerate(seqs):
+        input_ids[i, L - len(s):] = torch.tensor(s)
+        attention_mask[i, L - len(s):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, n_cut
+
+
+def _device(disc: nn.Module) -> torch.device:
+    return next(disc.parameters()).device
+
+
+@torch.no_grad()
+def p_student(disc: Discriminator, tokenizer, responses: list[str], max_len: int = 1024,
+              batch_size: int = 32) -> torch.Tensor:
+    """D(o) = p(student) for each response, FloatTensor [N] on CPU, in batches, without gradients."""
+    out = []
+    for i in range(0, len(responses), batch_size):
+        enc, _ = encode_for_discriminator(tokenizer, responses[i:i + batch_size], max_len)
+        logits = disc(enc["input_ids"].to(_device(disc)), enc["attention_mask"].to(_device(disc)))  # [b]
+        out.append(torch.sigmoid(logits).cpu())
+    return torch.cat(out) if out else torch.zeros(0)  # [N]
+
+
+# -----------------------------------------------------------------------------
+# Eq. 1 and the updates
+
+def discriminator_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 as a loss: -(mean log D(o_s) + mean log(1 - D(o_t))) / 2, from logits (stable BCE),
+    label 1 = student, 0 = teacher; each set averaged, then the two averaged."""
+    ls, lt = logits_student.float(), logits_teacher.float()  # [Ns], [Nt]
+    loss_s = F.binary_cross_entropy_with_logits(ls, torch.ones_like(ls))  # -mean log sigmoid(l_s)
+    loss_t = F.binary_cross_entropy_with_logits(lt, torch.zeros_like(lt))  # -mean log(1 - sigmoid(l_t))
+    return 0.5 * (loss_s + loss_t)
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    """Average a few scalars over ranks (identity without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return (t / dist.get_world_size()).tolist()
+
+
+def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, student_texts: list[str],
+           teacher_texts: list[str], max_len: int, *, micro_batch_size: int | None = None,
+           max_grad_norm: float | None = 1.0) -> dict:
+    """One optimizer step of D on Eq. 1 over this batch's student and teacher responses (Algorithm 2,
+    step 3, mu = 1). Micro-batches accumulate gradients to the exact Eq. 1 gradient. Under FSDP2 every
+    rank must call it with the same numbers of texts; stats are averaged over ranks. A non-finite loss or
+    gradient norm (on any rank) skips the step: stats["skipped"] = 1. Returns loss, accuracy (mean of
+    the two per-set accuracies), p_student / p_teacher (mean D on each set), grad_norm, n_truncated."""
+    ns, nt = len(student_texts), len(teacher_texts)
+    if ns == 0 or nt == 0:
+        raise ValueError(f"update needs texts of both kinds, got {ns} student and {nt} teacher")
+    texts = list(student_texts) + list(teacher_texts)
+    labels = torch.cat([torch.ones(ns), torch.zeros(nt)])  # [N]
+    weights = torch.cat([torch.full((ns,), 0.5 / ns), torch.full((nt,), 0.5 / nt)])  # [N] Eq. 1 as a sum
+    mb, dev = micro_batch_size or len(texts), _device(disc)
+    disc.train()
+    logits, n_cut = [], 0
+    for i in range(0, len(texts), mb):
+        enc, cut = encode_for_discriminator(tokenizer, texts[i:i + mb], max_len)
+        n_cut += cut
+        lg = disc(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))  # [mb]
+        per = F.binary_cross_entropy_with_logits(lg, labels[i:i + mb].to(dev), reduction="none")  # [mb]
+        (per * weights[i:i + mb].to(dev)).sum().backward()  # sums over micro-batches to Eq. 1
+        logits.append(lg.detach().float().cpu())
+    logits = torch.cat(logits)  # [N]
+    loss = discriminator_loss(logits[:ns], logits[ns:]).item()
+    gn = torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm if max_grad_norm else float("inf"))
+    gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()  # a DTensor under FSDP2
+    p = torch.sigmoid(logits)  # [N]
+    acc = 0.5 * ((p[:ns] > 0.5).float().mean() + (p[ns:] < 0.5).float().mean()).item()
+    loss, acc, p_s, p_t, bad = _all_mean([loss, acc, p[:ns].mean().item(), p[ns:].mean().item(),
+                                          float(not math.isfinite(loss))])
+    skipped = bad > 0 or not math.isfinite(gn)
+    if skipped:
+        log.warning("discriminator update skipped: loss %s, grad norm %s", loss, gn)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "accuracy": acc, "p_student": p_s, "p_teacher": p_t, "grad_norm": gn,
+            "skipped": int(skipped), "n_truncated": n_cut}
+
+
+def pretrain(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, student_texts: list[str],
+             teacher_texts: list[str], steps: int, batch_size: int, max_len: int, seed: int = 0,
+             log_every: int = 10, micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0) -> dict:
+    """Pre-train D on cached responses (all teachers' responses labelled teacher): `steps` calls of
+    `update`, each on `batch_size` student and `batch_size` teacher texts drawn (with replacement) by a
+    generator seeded with `seed`. Under torchrun give each rank its own shard of texts or its own seed.
+    Returns the last step's stats plus steps, seconds, n_skipped and the per-step history."""
+    g = torch.Generator().manual_seed(seed)
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    history, t0 = [], time.time()
+    for step in range(steps):
+        si = torch.randint(len(student_texts), (batch_size,), generator=g).tolist()
+        ti = torch.randint(len(teacher_texts), (batch_size,), generator=g).tolist()
+        stats = update(disc, optimizer, tokenizer, [student_texts[i] for i in si], [teacher_texts[i] for i in ti],
+                       max_len, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
+        history.append(stats)
+        if rank0 and log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"disc pretrain step {step:5d} | loss {stats['loss']:.4f} | acc {stats['accuracy']:.3f} | "
+                  f"p_s {stats['p_student']:.3f} p_t {stats['p_teacher']:.3f} | gnorm {stats['grad_norm']:.3f}")
+    return {**(history[-1] if history else {}), "steps": steps, "seconds": time.time() - t0,
+            "n_skipped": sum(h["skipped"] for h in history), "history": history}
+
+
+@torch.no_grad()
+def evaluate(disc: Discriminator, tokenizer, student_texts: list[str], teacher_texts: list[str],
+             max_len: int = 1024, batch_size: int = 32) -> dict:
+    """Held-out accuracy of D: student texts should get p > 0.5, teacher texts p < 0.5 (balanced mean)."""
+    ps = p_student(disc, tokenizer, student_texts, max_len, batch_size)  # [Ns]
+    pt = p_student(disc, tokenizer, teacher_texts, max_len, batch_size)  # [Nt]
+    acc_s, acc_t = (ps > 0.5).float().mean().item(), (pt < 0.5).float().mean().item()
+    return {"accuracy": 0.5 * (acc_s + acc_t), "acc_student": acc_s, "acc_teacher": acc_t,
+            "p_student": ps.mean().item(), "p_teacher": pt.mean().item()}
