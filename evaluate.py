@@ -1,1 +1,350 @@
-"""Evaluation (not written yet): benchmarks and metrics (accuracy, pass@k, length, reflection), run tables, plots."""
+"""Benchmarks and metrics: accuracy, pass@k, response length, reflection; run comparison tables and plots.
+
+    python evaluate.py --model checkpoints/tiny-student --data data/embedded/test.jsonl --out eval.json
+    python evaluate.py --model CKPT --data DATA.jsonl --discriminator CKPT_D    # + teacher-likeness
+    python evaluate.py --compare runs/ril-s0 runs/ril-s1 runs/drgrpo-s0 --plot curves.png
+
+Evaluation follows MAYE's scheme (PAPERS.md, section 2): pass@1 greedy, pass@k sampled (k=8, T=1.0),
+pass@1 at T=0.6; response length in tokens; the share of responses with a parsable final answer; and
+MAYE's five reflection metrics. `evaluate_model` is also what ril.py calls for its held-out accuracy,
+so a number means the same thing in the training log and in this script's table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import rewards
+import rollout
+from data.dataset import load_image, load_jsonl
+
+# MAYE's reflection words, plus spelling variants and "double-check" (the embedded reflective teacher's
+# phrase). Matched case-insensitively as whole words: a letter, digit, "_" or "-" may not touch either
+# end, so "await", "waiting", "pre-verify" and "yet-to-come" do not count, while "Wait," does.
+REFLECTION_WORDS = ["re-check", "recheck", "re-evaluate", "reevaluate", "re-examine", "reexamine",
+                    "re-think", "rethink", "check again", "think again", "try again", "double-check",
+                    "double check", "verify", "wait", "yet"]
+REFLECTION_RE = re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in REFLECTION_WORDS)
+                           + r")(?![\w-])", re.IGNORECASE)
+CURVES = ["reward/answer", "reward/similarity", "eval/accuracy", "response/length", "policy/kl"]  # --plot panels
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def is_reflective(text: str) -> bool:
+    """Whether a response holds at least one reflection word (whole-word match)."""
+    return REFLECTION_RE.search(text) is not None
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, and 0.0 when den == 0 (an empty set has no reflective / correct members to count)."""
+    return num / den if den else 0.0
+
+
+def reflection_metrics(responses: list[str], correct: list[float]) -> dict:
+    """MAYE's five reflection metrics. N responses, N+ correct, N_ref reflective, N_ref+ both.
+    A ratio whose denominator is 0 is reported as 0.0 (never NaN)."""
+    assert len(responses) == len(correct), (len(responses), len(correct))
+    ref = [is_reflective(r) for r in responses]
+    ok = [c > 0.5 for c in correct]
+    n, n_pos, n_ref = len(ref), sum(ok), sum(ref)
+    n_ref_pos = sum(r and c for r, c in zip(ref, ok))
+    return {
+        "reflection_ratio": ratio(n_ref, n),                                  # N_ref / N
+        "reflection_ratio_correct": ratio(n_ref_pos, n_pos),                  # N_ref+ / N+
+        "reflection_ratio_incorrect": ratio(n_ref - n_ref_pos, n - n_pos),    # (N_ref - N_ref+) / (N - N+)
+        "accuracy_reflective": ratio(n_ref_pos, n_ref),                       # N_ref+ / N_ref
+        "accuracy_non_reflective": ratio(n_pos - n_ref_pos, n - n_ref),       # (N+ - N_ref+) / (N - N_ref)
+    }
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # math.comb is 0 when n - c < k
+
+
+# -----------------------------------------------------------------------------
+# evaluating a model
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, temperature: float = 0.0,
+                   num_samples: int = 1, max_new_tokens: int = 256, batch_size: int = 16, top_p: float = 1.0,
+                   top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """Generate num_samples responses per row and score them. temperature=0 is greedy (then use num_samples=1).
+    Returns accuracy (mean correctness over all responses = pass@1), pass@{num_samples} if num_samples > 1,
+    answer_rate, length_mean / length_std / length_max (tokens), the reflection metrics, and the raw
+    prompt-major `responses`, `correct` and `lengths` lists (row b*num_samples + j is sample j of row b)."""
+    if not rows:
+        raise ValueError("evaluate_model: no rows to evaluate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    responses, lengths = [], []
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"eval T={temperature} x{num_samples}", disable=not progress):
+        batch = rows[i:i + batch_size]
+        prompts = rollout.encode_prompts(tokenizer, image_processor, [r["question"] for r in batch],
+                                         [load_image(r.get("image")) for r in batch])
+        prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+        out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                               temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,
+                               generator=generator)
+        ids, mask = out.response_ids.cpu(), out.response_mask.cpu().bool()  # [B*num_samples, T]
+        responses += [tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True) for j in range(len(ids))]
+        lengths += mask.sum(1).tolist()
+    model.train(was_training)
+
+    answers = [r["answer"] for r in rows for _ in range(num_samples)]  # prompt-major, like the responses
+    correct = [float(rewards.answer_reward(text, ans)) for text, ans in zip(responses, answers)]
+    length = torch.tensor(lengths, dtype=torch.float)
+    result = {
+        "accuracy": sum(correct) / len(correct),
+        "answer_rate": sum(rewards.extract_answer(t) is not None for t in responses) / len(responses),
+        "length_mean": length.mean().item(),
+        "length_std": length.std(correction=0).item(),  # population std over responses
+        "length_max": int(length.max().item()),
+    }
+    if num_samples > 1:
+        per_question = [sum(correct[b * num_samples:(b + 1) * num_samples]) for b in range(len(rows))]
+        result[f"pass@{num_samples}"] = statistics.fmean(pass_at_k(num_samples, round(c), num_samples)
+                                                         for c in per_question)
+    result |= reflection_metrics(responses, correct)
+    result |= {"responses": responses, "correct": correct, "lengths": lengths}
+    return result
+
+
+def teacher_likeness(disc, tokenizer, responses: list[str], max_len: int, batch_size: int) -> float:
+    """Share of responses the discriminator judges teacher-like (p_student < 0.5, the r_sim rule).
+    D is built from the student, so the student's tokenizer is used."""
+    from discriminator import p_student  # imported only when asked for
+    p = p_student(disc, tokenizer, responses, max_len, batch_size)  # [N]
+    return (p < 0.5).float().mean().item()
+
+
+def print_eval_table(results: dict):
+    """One markdown row per decoding setting."""
+    cols = ["accuracy", "pass@k", "answer_rate", "length", "reflection_ratio", "accuracy_reflective",
+            "accuracy_non_reflective", "teacher_like"]
+    print("| setting | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for name, r in results.items():
+        passk = next((f"{v:.3f}" for k, v in r.items() if k.startswith("pass@")), "–")
+        cells = [f"{r['accuracy']:.3f}", passk, f"{r['answer_rate']:.3f}",
+                 f"{r['length_mean']:.1f} ± {r['length_std']:.1f}"]
+        cells += [f"{r[k]:.3f}" for k in cols[4:7]] + [f"{r['teacher_like']:.3f}" if "teacher_like" in r else "–"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def evaluate_checkpoint(args) -> dict:
+    """The three MAYE decoding settings on one checkpoint and one dataset; prints a table, writes JSON."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    image_processor = AutoImageProcessor.from_pretrained(args.model)
+    rows = load_jsonl(args.data)[:args.limit]
+    if not rows:
+        raise SystemExit(f"{args.data}: no rows to evaluate (--limit {args.limit})")
+    disc = None
+    if args.discriminator:
+        from discriminator import Discriminator
+        disc = Discriminator.from_pretrained(args.discriminator, dtype=dtype).to(device).eval()
+    generator = torch.Generator(device).manual_seed(args.seed)
+    settings = {"greedy": dict(temperature=0.0, num_samples=1),
+                f"pass@{args.k} T=1.0": dict(temperature=1.0, num_samples=args.k),
+                "T=0.6": dict(temperature=0.6, num_samples=1)}
+    results = {}
+    for name, kw in settings.items():
+        results[name] = evaluate_model(model, tokenizer, image_processor, rows, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, top_p=args.top_p, generator=generator,
+                                       progress=True, **kw)
+        if disc is not None:
+            results[name]["teacher_like"] = teacher_likeness(disc, tokenizer, results[name]["responses"],
+                                                             args.disc_max_len, args.batch_size)
+    print(f"{args.model} on {args.data} ({len(rows)} questions)")
+    print_eval_table(results)
+    summary = {"pass@1 greedy": results["greedy"]["accuracy"],
+               f"pass@{args.k} T=1.0": results[f"pass@{args.k} T=1.0"][f"pass@{args.k}"],
+               "pass@1 T=0.6": results["T=0.6"]["accuracy"]}
+    report = {"model": str(args.model), "data": str(args.data), "n_questions": len(rows), "summary": summary,
+              "args": vars(args), "settings": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return report
+
+
+# -----------------------------------------------------------------------------
+# comparing training runs
+
+def load_run(path: str | Path) -> dict:
+    """A run folder: its summary.json and the rows of its metrics.jsonl (none if the file is missing).
+    A line that is not JSON (a run killed mid-write) is skipped and counted."""
+    path = Path(path)
+    if not (path / "summary.json").is_file():
+        raise SystemExit(f"{path}: no summary.json (not a finished run folder?)")
+    summary = json.loads((path / "summary.json").read_text())
+    metrics, bad = [], 0
+    if (path / "metrics.jsonl").is_file():
+        for line in open(path / "metrics.jsonl", encoding="utf-8"):
+            if not line.strip():
+                continue
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad:
+        print(f"{path}/metrics.jsonl: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return {"path": path, "summary": summary, "config": summary.get("config", {}), "metrics": metrics}
+
+
+def config_key(config: dict) -> str:
+    """What makes two runs the same configuration: the config minus seed, name and output paths."""
+    ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir", "checkpoint_dir",
+              "resume"}
+    return json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True, default=str)
+
+
+def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped by configuration, labelled by the first run's name without its seed suffix."""
+    groups: dict[str, list[dict]] = {}
+    labels: dict[str, str] = {}
+    for run in runs:
+        key = config_key(run["config"])
+        if key not in labels:
+            name = str(run["config"].get("name") or run["path"].name)
+            label = re.sub(r"[-_.]?(seed|s)\d+$", "", name) or name
+            labels[key] = label if label not in groups else f"{label} ({len(groups) + 1})"
+            groups[labels[key]] = []
+        groups[labels[key]].append(run)
+    return groups
+
+
+def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one key, from the rows that log it as a finite number (None and NaN are left out)."""
+    return [(int(r.get("step", i)), float(r[key])) for i, r in enumerate(metrics)
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def fmt(x: float) -> str:
+    """3 decimals, or scientific notation for small numbers such as a KL of 1e-4."""
+    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.1e}"
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' (sample std over seeds), just the value for one seed, '–' for none."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
+
+
+def compare_table(groups: dict[str, list[dict]], tail: int = 10) -> str:
+    """One markdown row per configuration: summary numbers, best held-out accuracy, final training numbers
+    (mean of the last `tail` logged values of each run), each as mean ± std over seeds."""
+    runs = [r for rs in groups.values() for r in rs]
+    scalars = ["accuracy_before", "accuracy_after"]
+    scalars += [k for r in runs for k, v in r["summary"].items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in scalars]
+    scalars = list(dict.fromkeys(scalars))
+    finals = [k for k in CURVES if k != "eval/accuracy"]
+    header = ["run", "seeds"] + scalars + ["max eval/accuracy"] + [f"final {k}" for k in finals]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, rs in groups.items():
+        cells = [label, str(len(rs))]
+        cells += [mean_std([r["summary"][k] for r in rs if isinstance(r["summary"].get(k), (int, float))])
+                  for k in scalars]
+        cells.append(mean_std([max(v for _, v in s) for r in rs if (s := series(r["metrics"], "eval/accuracy"))]))
+        for k in finals:
+            cells.append(mean_std([statistics.fmean(v for _, v in s[-tail:]) for r in rs
+                                   if (s := series(r["metrics"], k))]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_runs(groups: dict[str, list[dict]], out: str | Path):
+    """Training curves, one panel per logged key in CURVES (missing keys skipped): the mean over a group's
+    seeds at each step, with a shaded ± std band when the group has several runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in CURVES if any(series(r["metrics"], k) for rs in groups.values() for r in rs)]
+    if not keys:
+        raise SystemExit(f"--plot: no run logs any of {CURVES}")
+    ncols = math.ceil(len(keys) / math.ceil(len(keys) / 3))  # 5 -> 3 + 2, 4 -> 2 + 2
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, rs in groups.items():
+            by_step: dict[int, list[float]] = {}
+            for r in rs:
+                for step, v in series(r["metrics"], key):
+                    by_step.setdefault(step, []).append(v)
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            mean = [statistics.fmean(by_step[s]) for s in steps]
+            std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]  # as in the table
+            (line,) = ax.plot(steps, mean, label=f"{label} (n={len(rs)})", marker="o" if len(steps) <= 30 else None,
+                              markersize=3)
+            if len(rs) > 1:
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="student checkpoint (a save_pretrained folder)")
+    p.add_argument("--data", help="a JSONL dataset in the project's schema")
+    p.add_argument("--discriminator", help="discriminator checkpoint: adds teacher-likeness (p_student < 0.5)")
+    p.add_argument("--disc-max-len", type=int, default=1024, help="discriminator input tokens (prompt + response)")
+    p.add_argument("--out", help="where to write the JSON report")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--k", type=int, default=8, help="samples per question for pass@k at T=1.0")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders (summary.json, metrics.jsonl)")
+    p.add_argument("--plot", help="with --compare: write the training curves to this PNG")
+    args = p.parse_args(argv)
+    if args.plot and not args.compare:
+        p.error("--plot needs --compare RUN [RUN ...]")
+    if args.compare:
+        groups = group_runs([load_run(r) for r in args.compare])
+        print(compare_table(groups))
+        if args.plot:
+            plot_runs(groups, args.plot)
+            print(f"wrote {args.plot}")
+    elif args.model and args.data:
+        evaluate_checkpoint(args)
+    else:
+        p.error("give --model and --data, or --compare RUN [RUN ...]")
+
+
+if __name__ == "__main__":
+    main()
