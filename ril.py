@@ -91,7 +91,7 @@ class Config:
 # The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs far
 # larger learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace
 # the paper's defaults only when no --student is given, and only for flags not set on the command line.
-EMBEDDED = dict(lr=2e-4, disc_lr=1e-4, batch_size=16, steps=150, max_new_tokens=96, max_disc_len=128,
+EMBEDDED = dict(lr=2e-4, disc_lr=1e-4, batch_size=16, steps=150, max_new_tokens=96, max_disc_len=192,
                 micro_batch=64, sft_steps=300, sft_lr=2e-3, sft_batch_size=64, disc_steps=60,
                 disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
                 sample_every=50)
@@ -435,10 +435,11 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     disc = shard(Discriminator.from_student(student).to(device), device)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
     stats = pretrain(disc, opt, tok, student_texts, teacher_texts, steps=cfg.disc_steps,
-                     batch_size=cfg.disc_batch_size // world_size(), max_len=cfg.max_disc_len,
-                     seed=cfg.seed * 1000 + rank)
+                     batch_size=max(1, cfg.disc_batch_size // (2 * world_size())), max_len=cfg.max_disc_len,
+                     seed=cfg.seed * 1000 + rank, log_every=max(1, cfg.disc_steps // 5))
     if rank == 0:
-        print(f"discriminator pre-trained: {stats}", flush=True)
+        print(f"discriminator pre-trained: {stats['steps']} steps, {stats['seconds']:.0f}s, "
+              f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
     save_discriminator(disc, out)
     barrier()
 
@@ -460,6 +461,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
     from rewards import answer_reward, combine_rewards, judge_rewards, similarity_reward
     from rollout import encode_prompts, encode_responses, generate, response_logprobs
     policy, tok, G, ril = m["policy"], m["tok"], cfg.group_size, cfg.algo == "ril"
+    temp = cfg.temperature or 1.0  # log-probs of the sampling distribution (greedy runs score at T = 1)
     t = {"rollout": time.time()}
     # 1-2. pi_old <- pi_theta; G student samples per question (+ G cached teacher responses for RIL)
     prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], images_of(batch))
@@ -470,8 +472,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
     ids, mask = roll.response_ids, roll.response_mask                        # [b*G, T]
     k, n_trunc = G, 0
     if ril:
-        rng = random.Random(f"{cfg.seed}-{step}-{batch[0]['id']}")
-        texts = [s for r in batch for s in teacher_slots(r, names, G, rng)]
+        texts = [s for r in batch for s in teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))]
         t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
         width = max(ids.shape[1], t_ids.shape[1])
         s3 = lambda x: pad_cols(x, width).view(len(batch), G, width)        # [b, G, T]
@@ -520,13 +521,13 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
     old, ref = [], []
     with torch.no_grad():
         for s, pr in zip(micro, micro_prompts):
-            old.append(response_logprobs(policy, pr, ids[s], mask[s], cfg.temperature) if cfg.mu > 1 else None)
-            ref.append(response_logprobs(m["ref"], pr, ids[s], mask[s], cfg.temperature) if cfg.beta else None)
+            old.append(response_logprobs(policy, pr, ids[s], mask[s], temp) if cfg.mu > 1 else None)
+            ref.append(response_logprobs(m["ref"], pr, ids[s], mask[s], temp) if cfg.beta else None)
     stats_acc, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
     for _ in range(cfg.mu):
         losses = []
         for j, (s, pr) in enumerate(zip(micro, micro_prompts)):
-            logp, ent = response_logprobs(policy, pr, ids[s], mask[s], cfg.temperature, return_entropy=True)
+            logp, ent = response_logprobs(policy, pr, ids[s], mask[s], temp, return_entropy=True)
             o = old[j] if old[j] is not None else logp.detach()
             loss, st = policy_loss(logp, o, ref[j], adv[s], mask[s], clip_eps=cfg.clip_eps, beta=cfg.beta,
                                    agg=cfg.loss_agg, norm_len=norm_len)
@@ -550,10 +551,10 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
     lengths = s_mask.sum(1).float()
     out.update({
         "reward/total": R[is_student].mean().item(),
-        "reward/answer": parts["answer"][is_student].mean().item() if parts.get("answer") is not None else None,
-        "reward/similarity": parts["similarity"][is_student].mean().item() if parts.get("similarity") is not None
+        "reward/answer": parts["r_ans"][is_student].mean().item() if parts.get("r_ans") is not None else None,
+        "reward/similarity": parts["r_sim"][is_student].mean().item() if parts.get("r_sim") is not None
         else None,
-        "reward/teacher_answer": parts["answer"][~is_student].mean().item() if ril and parts.get("answer")
+        "reward/teacher_answer": parts["r_ans"][~is_student].mean().item() if ril and parts.get("r_ans")
         is not None else None,
         "policy/loss": float(sum(losses)), "policy/kl": st_mean["kl"], "policy/clip_frac": st_mean["clip_frac"],
         "policy/ratio_min": min(x["ratio_min"] for x in stats_acc),

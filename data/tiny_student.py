@@ -51,8 +51,12 @@ VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch
 
 
 def corpus(data_dir: Path) -> list[str]:
-    """Every question, answer and response of the embedded task (the tokenizer's training text)."""
-    texts = ["You are a helpful assistant."]
+    """Every question, answer and response of the embedded task, and the fixed prompts of the discriminator
+    and the judge (the tokenizer's training text), so that all of them are short in tokens."""
+    from discriminator import SYSTEM
+    from rewards import JUDGE_SYSTEM, judge_prompt
+    texts = ["You are a helpful assistant.", SYSTEM, "<response>", "</response>", JUDGE_SYSTEM,
+             judge_prompt("q", "a", "r")]
     for path in sorted(data_dir.glob("*.jsonl")):
         for line in open(path, encoding="utf-8"):
             row = json.loads(line)
