@@ -14,7 +14,8 @@
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
 position ids. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
-top-k, top-p), in float32. Supported decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (and text-only Qwen2 LLMs).
+top-k, top-p), in float32; with top-k, only the k candidates are sorted and drawn from (the same distribution).
+Supported decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (and text-only Qwen2 LLMs).
 """
 from __future__ import annotations
 
@@ -187,9 +188,9 @@ def rope(x, cos, sin):
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
-def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, mask):
+def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
     """One decoder layer on x [n, L, d]: writes its keys/values into the cache at [start, start+L) in place and
-    attends to the cache up to start+L under `mask` [n, 1, L, start+L] (bool, True = may attend)."""
+    attends to the cache up to start+L under the additive `bias` [n, 1, L, start+L] (0 = may attend, -inf = not)."""
     attn, (n, L, _) = layer.self_attn, x.shape
     h = layer.input_layernorm(x)
     q = attn.q_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)          # [n, Hq, L, D]
@@ -197,19 +198,23 @@ def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, mask):
     v = attn.v_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)
     k_cache[:, :, start:start + L] = rope(k, cos, sin)
     v_cache[:, :, start:start + L] = v
-    o = F.scaled_dot_product_attention(rope(q, cos, sin), k_cache[:, :, :start + L], v_cache[:, :, :start + L],
-                                       attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # [n, Hq, L, D]
-    x = x + attn.o_proj(o.transpose(1, 2).reshape(n, L, -1))
+    q, k, v = rope(q, cos, sin), k_cache[:, :, :start + L], v_cache[:, :, :start + L]
+    if L == 1:  # decoding: a KV head's Hq/Hkv query heads act as its queries (no repeated K/V; faster on CPU)
+        o = F.scaled_dot_product_attention(q.view(n, k.shape[1], -1, attn.head_dim), k, v, attn_mask=bias,
+                                           scale=attn.scaling)               # [n, Hkv, Hq/Hkv, D]
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling,
+                                           enable_gqa=True).transpose(1, 2)  # [n, L, Hq, D]
+    x = x + attn.o_proj(o.reshape(n, L, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def forward(model, x, position_ids, k, v, start: int, mask) -> torch.Tensor:
-    """All decoder layers on embeddings x [n, L, d] with the cache k, v [layers, n, Hkv, S, D]; logits of the last
-    position, float32 [n, V]."""
+def forward(model, x, cos, sin, k, v, start: int, bias) -> torch.Tensor:
+    """All decoder layers on embeddings x [n, L, d] with rotary cos/sin [n, L, D] and the cache k, v
+    [layers, n, Hkv, S, D]; logits of the last position, float32 [n, V]."""
     lm = text_model(model)
-    cos, sin = lm.rotary_emb(x, position_ids)                                 # [n, L, D]
     for i, layer in enumerate(lm.layers):
-        x = decoder_layer(layer, x, cos, sin, k[i], v[i], start, mask)
+        x = decoder_layer(layer, x, cos, sin, k[i], v[i], start, bias)
     return model.lm_head(lm.norm(x[:, -1])).float()
 
 
@@ -289,12 +294,21 @@ def process_logits(logits, seen, *, temperature=1.0, top_k=0, top_p=1.0, repetit
 
 
 def sample_next(logits, seen, *, temperature, top_k, top_p, repetition_penalty, banned, generator) -> torch.Tensor:
-    """Next token per row [n]: argmax when temperature == 0, else a draw from softmax(processed scores)."""
-    x = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, banned=banned)
+    """Next token per row [n]: argmax when temperature == 0, else a draw from softmax(processed scores).
+    With top_k > 0, temperature, top-p and the draw run over the k best tokens after the penalty only: the same
+    distribution as process_logits' (temperature is monotone; other tokens get probability 0) without a sort or a
+    draw over V. A tie at the k-th place (top-k then keeps more than k) takes the full-vocabulary path."""
+    x = process_logits(logits, seen, repetition_penalty=repetition_penalty, banned=banned)  # [n, V]
     if temperature == 0:
         return x.argmax(-1)
-    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(1)
+    knobs = dict(temperature=temperature, top_p=top_p)
+    if 0 < top_k < x.shape[-1]:
+        cand, idx = x.topk(top_k + 1)                                         # [n, k+1], best first
+        if not (cand[:, top_k] == cand[:, top_k - 1]).any():
+            probs = process_logits(cand[:, :top_k], None, **knobs).softmax(-1)  # [n, k]
+            return idx.gather(1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
+    probs = process_logits(x, None, top_k=top_k, **knobs).softmax(-1)         # [n, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,23 +335,30 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     eos_token_id=None uses model.generation_config.eos_token_id; pass [] to never stop early."""
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                  banned=placeholder_ids(model), generator=generator)
-    ids, G = prompts["input_ids"], num_samples
+    ids, G, lm = prompts["input_ids"], num_samples, text_model(model)
     (B, P), n, device = ids.shape, ids.shape[0] * num_samples, ids.device
     eos = torch.tensor(eos_list(model, eos_token_id), dtype=torch.long, device=device)
     with unsharded(model):
         # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
         x = embed_prompts(model, prompts)                                     # [B, P, d]
         k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype, device)
-        valid = torch.zeros(n, P + max_new_tokens, dtype=torch.bool, device=device)
-        valid[:, :P] = prompts["attention_mask"].bool().repeat_interleave(G, 0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal & valid[::G, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # pads see themselves
-        logits = forward(model, x, prompts["position_ids"], k[:, ::G], v[:, ::G], 0, mask)  # [B, V]
+        # Attention bias over the cache [n, P + max_new_tokens], additive: -inf on prompt pads, 0 elsewhere (a step
+        # reads only the columns written so far). The prefill's is causal on top of that; pads see themselves.
+        bias = torch.zeros(n, P + max_new_tokens, dtype=x.dtype, device=device)
+        bias[:, :P].masked_fill_(~prompts["attention_mask"].bool().repeat_interleave(G, 0), -float("inf"))
+        causal = torch.full((P, P), -float("inf"), dtype=x.dtype, device=device).triu(1)
+        prefill_bias = bias[::G, None, None, :P] + causal
+        prefill_bias.diagonal(dim1=-2, dim2=-1).zero_()                       # [B, 1, P, P]
+        cos, sin = lm.rotary_emb(x, prompts["position_ids"])                  # [B, P, D]
+        logits = forward(model, x, cos, sin, k[:, ::G], v[:, ::G], 0, prefill_bias)  # [B, V]
         share_prefill(k, v, G, P)
         logits = logits.repeat_interleave(G, 0)                               # [n, V]
         seen = torch.zeros(n, logits.shape[-1], device=device)                # [n, V] prompt tokens, not pads
-        seen = seen.scatter_add_(1, ids.repeat_interleave(G, 0), valid[:, :P].float()) > 0
+        seen = seen.scatter_add_(1, ids.repeat_interleave(G, 0), (bias[:, :P] == 0).float()) > 0
+        # Decoding positions are 1-D (t = h = w): their rotary cos/sin are rows of one table [positions, D].
         next_pos = prompts["next_position"].to(device).repeat_interleave(G)   # [n]
+        cos_table, sin_table = (c[0] for c in lm.rotary_emb(x, torch.arange(int(next_pos.max()) + max_new_tokens,
+                                                                            device=device)[None]))
         rows = torch.arange(n, device=device)                                 # original row of each batch row
         done = torch.zeros(n, dtype=torch.bool, device=device)                # ended, still in the batch
         out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -346,16 +367,18 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
         for t in range(max_new_tokens):
             tok = sample_next(logits, seen, **knobs)                          # [m]
             out[rows, t] = tok                                                # (masked to pad below once ended)
-            lengths[rows] += (~done).long()
+            lengths[rows] += ~done
             done |= torch.isin(tok, eos)
             if t == max_new_tokens - 1 or done.all():
                 break
             if int(done.sum()) * DROP_EVERY >= len(done):
-                k, v, rows, tok, seen, valid, next_pos, done = drop_rows(~done, k, v, rows, tok, seen, valid, next_pos, done)
-            seen[torch.arange(len(tok), device=device), tok] = True
-            valid[:, P + t] = True
-            x = text_model(model).embed_tokens(tok)[:, None]                  # [m, 1, d]
-            logits = forward(model, x, (next_pos + t)[:, None], k, v, P + t, valid[:, None, None, :P + t + 1])
+                k, v, rows, tok, seen, bias, next_pos, done = drop_rows(~done, k, v, rows, tok, seen, bias, next_pos,
+                                                                        done)
+            seen.scatter_(1, tok[:, None], True)
+            pos = next_pos + t                                                # [m]
+            x = lm.embed_tokens(tok)[:, None]                                 # [m, 1, d]
+            logits = forward(model, x, cos_table[pos, None], sin_table[pos, None], k, v, P + t,
+                             bias[:, None, None, :P + t + 1])                 # [m, V]
     T = int(lengths.max())
     mask = torch.arange(T, device=device) < lengths[:, None]                 # [n, T]
     return Rollout(out[:, :T].masked_fill(~mask, pad_token_id), mask)

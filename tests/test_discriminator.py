@@ -13,16 +13,6 @@ from discriminator import (HEAD_FILE, Discriminator, discriminator_loss, encode_
                            p_student, pretrain, prompt_parts, update)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one intra-op thread is several times faster than two
-    (measured: a forward+backward of 8 x 174 tokens, 0.4 s vs 1.4 s); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_student):
     return AutoTokenizer.from_pretrained(tiny_student)

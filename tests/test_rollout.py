@@ -12,13 +12,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList
 import rollout as R
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine: one thread is several times faster than two fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +126,32 @@ def test_sampling_knobs_match_transformers_processors():
         assert torch.equal(R.process_logits(logits, seen, **ours), expect), ours
     banned = R.process_logits(logits, seen, banned=[3, 5])
     assert banned[:, [3, 5]].eq(-float("inf")).all() and torch.equal(banned[:, 6:], logits[:, 6:])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sampler_draws_from_the_processed_distribution(tie):
+    """sample_next (top-k first, then temperature / top-p / the draw over the k candidates; a tie at the k-th place
+    takes the full-vocabulary path) draws from softmax(process_logits(...)): the processors' distribution."""
+    torch.manual_seed(0)
+    logits, ids = torch.randn(4, 300) * 3, torch.randint(0, 300, (4, 20))
+    seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, ids, True)
+    kw = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, banned=[3, 5])
+    if tie:                                                      # rank 20 ties rank 19: top-k keeps 21 tokens
+        kw.update(repetition_penalty=1.0, top_p=1.0, banned=[])
+        order = logits.argsort(-1, descending=True)
+        logits[0, order[0, 20]] = logits[0, order[0, 19]]
+    expect = R.process_logits(logits, seen, **kw).softmax(-1)   # [4, V]
+    N = 50_000
+    tok = R.sample_next(logits.repeat_interleave(N, 0), seen.repeat_interleave(N, 0),
+                        generator=torch.Generator().manual_seed(0), **kw)   # N draws per row
+    freq = torch.zeros(4, 300).index_put_((torch.arange(4).repeat_interleave(N), tok), torch.ones(4 * N),
+                                          accumulate=True) / N         # [4, V]
+    assert (freq[expect == 0] == 0).all()                        # nothing outside the processed support
+    support = (expect > 0).sum(1)
+    assert support.tolist() == [21, 20, 20, 20] if tie else (support <= 20).all() and (support < 20).any()  # top-p cut
+    if tie:
+        assert freq[0, order[0, 19]] > 0 and freq[0, order[0, 20]] > 0  # both tied tokens drawn
+    torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)  # ~5 standard deviations at the largest p
 
 
 def test_sampling_is_reproducible_with_a_generator(student, batch):
