@@ -88,10 +88,13 @@ class Config:
     resume: bool = False           # continue runs/<name> from its latest checkpoint
 
 
-# The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs far
-# larger learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace
-# the paper's defaults only when no --student is given, and only for flags not set on the command line.
-EMBEDDED = dict(lr=2e-4, disc_lr=1e-4, batch_size=16, steps=150, max_new_tokens=96, max_disc_len=192,
+# The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs larger
+# learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace the paper's
+# defaults only when no --student is given, and only for flags not set on the command line. The policy lr
+# is deliberately small: with lr 2e-4, 1e-4 and 5e-5 the tiny student left its terse SFT style for word
+# salad within 20-60 steps (every own sample scores below the teachers' once D separates the styles, and
+# imitating a 48-token style takes far more steps than this budget); see README, "What the embedded run shows".
+EMBEDDED = dict(lr=2e-5, disc_lr=1e-4, batch_size=16, steps=100, max_new_tokens=96, max_disc_len=192,
                 micro_batch=64, sft_steps=300, sft_lr=2e-3, sft_batch_size=64, disc_steps=60,
                 disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
                 sample_every=50)
@@ -130,8 +133,8 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("--algo grpo needs --group-size >= 2 (the group std is undefined for one sample)")
     if cfg.answer_reward == "judge" and not cfg.judge:
         raise SystemExit("--answer-reward judge needs --judge PATH (a text-only LLM checkpoint)")
-    if cfg.algo == "ril" and cfg.similarity == "off" and cfg.answer_reward == "off":
-        raise SystemExit("both rewards are off: nothing to learn from")
+    if cfg.answer_reward == "off" and (cfg.algo != "ril" or cfg.similarity == "off"):
+        raise SystemExit("--answer-reward off leaves no reward (Algorithm 1 has only the answer reward)")
     for key in ("student", "data", "eval_data", "sft_data", "discriminator", "judge"):
         path = getattr(cfg, key)
         if path and not Path(path).exists():
@@ -453,118 +456,121 @@ def save_discriminator(disc, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Stage 3: the RL loop (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo)
 
-def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator) -> dict:
-    """One batch of Algorithm 2 on this rank's questions; returns the step's metrics.
-
-    m holds the models and optimizers: policy, ref, tok, proc, popt, and for RIL disc, dopt; judge optional.
-    """
-    from rewards import answer_reward, combine_rewards, judge_rewards, similarity_reward
-    from rollout import encode_prompts, encode_responses, generate, response_logprobs
-    policy, tok, G, ril = m["policy"], m["tok"], cfg.group_size, cfg.algo == "ril"
-    temp = cfg.temperature or 1.0  # log-probs of the sampling distribution (greedy runs score at T = 1)
-    t = {"rollout": time.time()}
-    # 1-2. pi_old <- pi_theta; G student samples per question (+ G cached teacher responses for RIL)
+def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator):
+    """Algorithm 2, steps 1-2: G student samples per question (pi_old = pi_theta now) and, for RIL, G cached
+    teacher responses, laid out group-major: [q0: G student, G teacher | q1: ...]. Returns
+    (prompts, ids [N, T], mask [N, T], k = responses per question, n teacher responses truncated)."""
+    from rollout import encode_prompts, encode_responses, generate
+    G, tok = cfg.group_size, m["tok"]
     prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], images_of(batch))
     with torch.no_grad():
-        roll = generate(policy, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
+        roll = generate(m["policy"], prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         repetition_penalty=cfg.repetition_penalty, generator=gen)
     ids, mask = roll.response_ids, roll.response_mask                        # [b*G, T]
-    k, n_trunc = G, 0
-    if ril:
-        texts = [s for r in batch for s in teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))]
-        t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
-        width = max(ids.shape[1], t_ids.shape[1])
-        s3 = lambda x: pad_cols(x, width).view(len(batch), G, width)        # [b, G, T]
-        ids = torch.cat([s3(ids), s3(t_ids)], 1).view(-1, width)             # [b*2G, T]: G student, G teacher
-        mask = torch.cat([s3(mask), s3(t_mask)], 1).view(-1, width)
-        k = 2 * G
-    is_student = (torch.arange(ids.shape[0]) % k) < G                       # [N]
-    texts = decode(tok, ids, mask)
-    t["disc"] = time.time()
-    # 3. mu discriminator steps on the 2G responses (Eq. 1)
-    out = {}
-    if ril and cfg.similarity != "off":
-        from discriminator import p_student, update
-        s_txt = [x for x, s in zip(texts, is_student) if s]
-        t_txt = [x for x, s in zip(texts, is_student) if not s]
-        for _ in range(0 if cfg.freeze_disc else cfg.mu):
-            out.update({f"disc/{a}": b for a, b in update(m["disc"], m["dopt"], tok, s_txt, t_txt,
-                                                          cfg.max_disc_len).items()})
-    t["rewards"] = time.time()
-    # 4. rewards for all responses, group advantages
-    questions = [r["question"] for r in batch for _ in range(k)]
+    if cfg.algo != "ril":
+        return prompts, ids, mask, G, 0
+    texts = [s for r in batch for s in teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))]
+    t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+    width = max(ids.shape[1], t_ids.shape[1])
+    per_q = lambda x: pad_cols(x, width).view(len(batch), G, width)         # [b, G, T]
+    ids = torch.cat([per_q(ids), per_q(t_ids)], 1).view(-1, width)           # [b*2G, T]
+    mask = torch.cat([per_q(mask), per_q(t_mask)], 1).view(-1, width)
+    return prompts, ids, mask, 2 * G, n_trunc
+
+
+def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: dict, out: dict):
+    """Algorithm 2, step 4: R = r_sim + r_ans for every response (Algorithm 1: r_ans only). Returns (R [N], parts)."""
+    from rewards import combine_rewards, judge_rewards, rule_rewards, similarity_reward
     answers = [r["answer"] for r in batch for _ in range(k)]
     r_ans = r_sim = None
-    if cfg.answer_reward == "rule" or not ril:
-        r_ans = torch.tensor([answer_reward(x, a) for x, a in zip(texts, answers)])
-    if cfg.answer_reward == "judge":
+    if cfg.answer_reward == "rule":
+        r_ans = rule_rewards(texts, answers)[0]                              # [N]
+    elif cfg.answer_reward == "judge":
+        questions = [r["question"] for r in batch for _ in range(k)]
         r_ans, jstats = judge_rewards(m["judge"], m["judge_tok"], questions, answers, texts)
         out.update({f"judge/{a}": b for a, b in jstats.items()})
-    if ril and cfg.similarity != "off":
-        p = p_student(m["disc"], tok, texts, cfg.max_disc_len, batch_size=cfg.micro_batch)   # [N]
+    if "disc" in m:
+        from discriminator import p_student
+        p = p_student(m["disc"], m["tok"], texts, cfg.max_disc_len, batch_size=cfg.micro_batch)   # [N] D(o)
         r_sim = similarity_reward(p, mode=cfg.similarity)
+        is_student = (torch.arange(len(texts)) % k) < cfg.group_size
         out["disc/p_student_on_student"] = p[is_student].mean().item()
         out["disc/p_student_on_teacher"] = p[~is_student].mean().item()
-    if cfg.answer_reward == "off" and ril:
-        r_ans = None
-    R, parts = combine_rewards(r_sim, r_ans)
-    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo")   # [N]
-    t["update"] = time.time()
-    # 5. mu policy steps on Eq. 2 (pi_old = pi_theta at sampling time; with mu = 1 the ratio is exactly 1)
-    count = {"token-mean": mask.sum().item()}.get(cfg.loss_agg, float(mask.shape[0]))
-    scale_all = all_sum(count)
-    norm_len = cfg.max_new_tokens
-    mb = max(k, cfg.micro_batch // k * k)                                  # whole groups per micro-batch
+    return combine_rewards(r_sim, r_ans)
+
+
+def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -> dict:
+    """Algorithm 2, step 5: mu steps of Eq. 2 over all responses (teacher ones included), in micro-batches of
+    whole groups. Token means divide by the global token count, so the update does not depend on the split."""
+    from rollout import response_logprobs
+    policy, temp = m["policy"], cfg.temperature or 1.0  # greedy runs score log-probs at T = 1
+    count = lambda msk: msk.sum().item() if cfg.loss_agg == "token-mean" else float(msk.shape[0])
+    total = all_sum(count(mask))
+    mb = max(k, cfg.micro_batch // k * k)
     micro = [slice(i, min(i + mb, ids.shape[0])) for i in range(0, ids.shape[0], mb)]
     micro_prompts = [_prompts_for(prompts, s, k) for s in micro]
-    old, ref = [], []
-    with torch.no_grad():
-        for s, pr in zip(micro, micro_prompts):
-            old.append(response_logprobs(policy, pr, ids[s], mask[s], temp) if cfg.mu > 1 else None)
-            ref.append(response_logprobs(m["ref"], pr, ids[s], mask[s], temp) if cfg.beta else None)
-    stats_acc, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
+    with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: reuse the live log-probs, detached) and pi_ref
+        old = [response_logprobs(policy, p, ids[s], mask[s], temp) if cfg.mu > 1 else None
+               for s, p in zip(micro, micro_prompts)]
+        ref = [response_logprobs(m["ref"], p, ids[s], mask[s], temp) if cfg.beta else None
+               for s, p in zip(micro, micro_prompts)]
+    is_student = ((torch.arange(ids.shape[0]) % k) < cfg.group_size)[:, None] & mask   # [N, T]
+    stats, skipped, ent = [], 0, [0.0, 0.0]
     for _ in range(cfg.mu):
-        losses = []
-        for j, (s, pr) in enumerate(zip(micro, micro_prompts)):
-            logp, ent = response_logprobs(policy, pr, ids[s], mask[s], temp, return_entropy=True)
-            o = old[j] if old[j] is not None else logp.detach()
-            loss, st = policy_loss(logp, o, ref[j], adv[s], mask[s], clip_eps=cfg.clip_eps, beta=cfg.beta,
-                                   agg=cfg.loss_agg, norm_len=norm_len)
-            local = {"token-mean": mask[s].sum().item()}.get(cfg.loss_agg, float(mask[s].shape[0]))
-            (loss * token_mean_scale(local, scale_all)).backward()
-            losses.append(loss.detach() * local / max(count, 1))
-            stats_acc.append(st)
-            sm = (mask[s] & is_student[s, None]).float()
-            ent_sum, ent_n = ent_sum + (ent.detach() * sm).sum().item(), ent_n + sm.sum().item()
+        loss_sum = 0.0
+        for j, (s, p) in enumerate(zip(micro, micro_prompts)):
+            logp, entropy = response_logprobs(policy, p, ids[s], mask[s], temp, return_entropy=True)  # [n, T]
+            loss, st = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), ref[j], adv[s], mask[s],
+                                   clip_eps=cfg.clip_eps, beta=cfg.beta, agg=cfg.loss_agg,
+                                   norm_len=cfg.max_new_tokens)
+            (loss * token_mean_scale(count(mask[s]), total)).backward()
+            loss_sum += loss.item() * count(mask[s]) / max(count(mask), 1)
+            stats.append(st)
+            ent = [ent[0] + (entropy.detach() * is_student[s]).sum().item(), ent[1] + is_student[s].sum().item()]
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        if all_sum(float(not torch.isfinite(gnorm).item() or not torch.isfinite(sum(losses)).item())) > 0:
+        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
+        if all_sum(float(not (math.isfinite(gnorm) and math.isfinite(loss_sum)))) > 0:
             skipped += 1                                                     # never reaches the weights
-            m["popt"].zero_grad(set_to_none=True)
-            continue
-        m["popt"].step()
+        else:
+            m["popt"].step()
         m["popt"].zero_grad(set_to_none=True)
-    t["end"] = time.time()
-    st_mean = {key: sum(x[key] for x in stats_acc) / len(stats_acc) for key in ("clip_frac", "kl")}
-    s_mask = mask[is_student]
-    lengths = s_mask.sum(1).float()
+    return {"policy/loss": loss_sum, "policy/kl": sum(x["kl"] for x in stats) / len(stats),
+            "policy/clip_frac": sum(x["clip_frac"] for x in stats) / len(stats),
+            "policy/ratio_min": min(x["ratio_min"] for x in stats), "policy/ratio_max": max(x["ratio_max"] for x in stats),
+            "policy/entropy": ent[0] / max(ent[1], 1), "policy/grad_norm": gnorm, "policy/skipped": skipped}
+
+
+def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator) -> dict:
+    """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics.
+    m holds policy, ref, tok, proc, popt; for RIL disc, dopt; judge, judge_tok for the judge reward."""
+    t0 = time.time()
+    prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
+    texts = decode(m["tok"], ids, mask)
+    is_student = (torch.arange(ids.shape[0]) % k) < cfg.group_size                         # [N]
+    t1, out = time.time(), {}
+    if "disc" in m and not cfg.freeze_disc:                                                # step 3: Eq. 1
+        from discriminator import update
+        s_txt = [x for x, s in zip(texts, is_student) if s]
+        t_txt = [x for x, s in zip(texts, is_student) if not s]
+        for _ in range(cfg.mu):
+            out.update({f"disc/{a}": b for a, b in update(m["disc"], m["dopt"], m["tok"], s_txt, t_txt,
+                                                          cfg.max_disc_len).items()})
+    t2 = time.time()
+    R, parts = rewards(cfg, batch, texts, k, m, out)                                       # step 4
+    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo")                 # [N]
+    t3 = time.time()
+    out.update(policy_update(cfg, m, prompts, ids, mask, adv, k))                          # step 5
+    t4 = time.time()
+    lengths = mask[is_student].sum(1).float()
+    part = lambda key, rows: parts[key][rows].mean().item() if parts[key] is not None else None
     out.update({
-        "reward/total": R[is_student].mean().item(),
-        "reward/answer": parts["r_ans"][is_student].mean().item() if parts.get("r_ans") is not None else None,
-        "reward/similarity": parts["r_sim"][is_student].mean().item() if parts.get("r_sim") is not None
-        else None,
-        "reward/teacher_answer": parts["r_ans"][~is_student].mean().item() if ril and parts.get("r_ans")
-        is not None else None,
-        "policy/loss": float(sum(losses)), "policy/kl": st_mean["kl"], "policy/clip_frac": st_mean["clip_frac"],
-        "policy/ratio_min": min(x["ratio_min"] for x in stats_acc),
-        "policy/ratio_max": max(x["ratio_max"] for x in stats_acc),
-        "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": float(gnorm), "policy/skipped": skipped,
+        "reward/total": R[is_student].mean().item(), "reward/answer": part("r_ans", is_student),
+        "reward/similarity": part("r_sim", is_student),
+        "reward/teacher_answer": part("r_ans", ~is_student) if k > cfg.group_size else None,
         "response/length": lengths.mean().item(), "response/length_max": lengths.max().item(),
-        "response/truncated_teacher": n_trunc,
-        "time/rollout": t["disc"] - t["rollout"], "time/disc": t["rewards"] - t["disc"],
-        "time/rewards": t["update"] - t["rewards"], "time/update": t["end"] - t["update"],
-        "tokens_per_s": lengths.sum().item() / max(t["disc"] - t["rollout"], 1e-9),
+        "response/truncated_teacher": n_trunc, "tokens_per_s": lengths.sum().item() / max(t1 - t0, 1e-9),
+        "time/rollout": t1 - t0, "time/disc": t2 - t1, "time/rewards": t3 - t2, "time/update": t4 - t3,
         "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], R[0].item()),
     })
     return out

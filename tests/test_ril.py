@@ -34,7 +34,8 @@ def weights(path):
     (["--algo", "grpo", "--group-size", "1"], "needs --group-size >= 2"),
     (["--answer-reward", "judge"], "needs --judge PATH"),
     (["--student", "/no/such/model"], "/no/such/model does not exist"),
-    (["--similarity", "off", "--answer-reward", "off"], "both rewards are off"),
+    (["--similarity", "off", "--answer-reward", "off"], "leaves no reward"),
+    (["--algo", "drgrpo", "--answer-reward", "off"], "leaves no reward"),
 ])
 def test_bad_config_fails_before_any_work(argv, message):
     with pytest.raises(SystemExit) as e:
