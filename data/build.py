@@ -3,7 +3,7 @@
     python -m data.build --out data/embedded --seed 0
 
 Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question);
-`sft` carries the plain-style SFT target in `response`; `val` and `test` carry neither. The test split
+`sft` carries the SFT target in `response` (mostly the plain style, a fifth in a teacher's style); `val` and `test` carry neither. The test split
 holds only scenes that no other split contains. Written to a temporary folder and renamed at the end,
 so a half-built dataset is never picked up.
 """
@@ -20,6 +20,7 @@ from data.scenes import ask, draw, random_scene
 from data.teachers import TEACHERS, plain_response, teacher_response
 
 SPLITS = {"sft": 4000, "train": 2000, "val": 200, "test": 500}  # questions per split (one scene each)
+SFT_TEACHER_STYLE = 0.2  # share of SFT rows written in a teacher's style (general SFT data is partly distilled)
 
 
 def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set) -> list[dict]:
@@ -38,7 +39,8 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
         if split == "train":
             row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
         if split == "sft":
-            row["response"] = plain_response(q)
+            styled = rng.random() < SFT_TEACHER_STYLE
+            row["response"] = teacher_response(rng.choice(list(TEACHERS)), scene, q, rng) if styled else plain_response(q)
         rows.append(row)
     return rows
 

@@ -121,7 +121,7 @@ def test_update_micro_batches_give_the_full_batch_step(tok, disc0, one_thread):
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and sa["skipped"] == 0
     assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-4)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6), n
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=n)  # fp32 sums in another order, x lr 0.1
     d0 = _with_random_head(disc0)
     enc, _ = encode_for_discriminator(tok, s + t, 256)
     assert sa["loss"] == pytest.approx(discriminator_loss(d0(**enc)[:2], d0(**enc)[2:]).item(), rel=1e-5)
