@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -103,14 +105,16 @@ TINY_DIR = Path(__file__).parent / "checkpoints"
 
 def parse_config(argv=None) -> Config:
     """argparse built from Config; embedded defaults apply when no --student is given."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"without --student these defaults change (the embedded run): {EMBEDDED}")
+    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # each field's comment
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=notes.get(f.name))
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=argparse.SUPPRESS,
-                           help=f"default {f.default!r}")
+                           help=f"{notes.get(f.name, '')} (default {f.default!r})")
     given = vars(p.parse_args(argv))
     cfg = Config(**{**(EMBEDDED if not given.get("student") else {}), **given})
     check_config(cfg)
