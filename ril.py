@@ -224,6 +224,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def all_sum(x: float | torch.Tensor) -> float:
     """Sum of a number over ranks."""
     t = torch.as_tensor(x, dtype=torch.float64).clone()
@@ -290,14 +294,14 @@ def load_student(path: str, device: torch.device, trainable: bool = True):
     return shard(model.train(trainable), device), tok, proc
 
 
-def save_student(model, tok, proc, path: Path) -> None:
-    """save_pretrained of the whole student (gathered from the shards) on rank 0: loadable with no project code."""
-    sd = full_state_dict(model)
-    if dist.get_rank() if dist.is_initialized() else 0:
-        return
-    model.save_pretrained(path, state_dict=sd)
-    tok.save_pretrained(path)
-    proc.save_pretrained(path)
+def save_pretrained(module, path: Path, *extras) -> None:
+    """`save_pretrained` of the whole module (gathered from the shards) and of `extras` (tokenizer, image
+    processor) on rank 0: the student folder then loads with `from_pretrained` and no project code."""
+    sd = full_state_dict(module)
+    if get_rank() == 0:
+        module.save_pretrained(path, state_dict=sd)
+        for extra in extras:
+            extra.save_pretrained(path)
 
 
 def rank_slice(items: list, step: int, per_step: int, seed: int) -> list:
@@ -305,7 +309,7 @@ def rank_slice(items: list, step: int, per_step: int, seed: int) -> list:
 
     The data position is a pure function of (seed, step), so resuming needs only the step.
     """
-    n, rank, world = len(items), (dist.get_rank() if dist.is_initialized() else 0), world_size()
+    n, rank, world = len(items), get_rank(), world_size()
     start = step * per_step
     out = []
     for pos in range(start, start + per_step):
@@ -323,14 +327,19 @@ def teacher_slots(row: dict, names: list[str], g: int, rng: random.Random) -> li
     return [pools[names[j % len(names)]][(j // len(names)) % len(pools[names[j % len(names)]])] for j in range(g)]
 
 
+def student_rows(n: int, k: int, g: int) -> torch.Tensor:
+    """[n] bool: which of n responses (k per question, the G student samples first) are the student's."""
+    return (torch.arange(n) % k) < g
+
+
 def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Response texts: the masked tokens of each row, special tokens dropped."""
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 
-def pad_cols(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
-    """Right-pad a [N, T] tensor to [N, width]."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+def pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad a [N, T] tensor with zeros to [N, width]."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def images_of(rows: list[dict]):
@@ -360,7 +369,7 @@ def held_out_accuracy(model, tok, proc, rows: list[dict], cfg: Config) -> float:
     """Greedy pass@1 on the held-out rows (evaluate.evaluate_model), rows split evenly over ranks."""
     from evaluate import evaluate_model
     rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
-    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
+    rank, world = get_rank(), world_size()
     per = math.ceil(len(rows) / world)
     mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]  # equal counts: FSDP needs the same calls
     n_real = max(0, min(per, len(rows) - rank * per))
@@ -400,7 +409,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    save_student(model, tok, proc, out)
+    save_pretrained(model, out, tok, proc)
     barrier()
 
 
@@ -446,14 +455,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     if rank == 0:
         print(f"discriminator pre-trained: {stats['steps']} steps, {stats['seconds']:.0f}s, "
               f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
-    save_discriminator(disc, out)
+    save_pretrained(disc, out)
     barrier()
-
-
-def save_discriminator(disc, path: Path) -> None:
-    sd = full_state_dict(disc)
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        disc.save_pretrained(path, state_dict=sd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,7 +500,7 @@ def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: dict, o
         from discriminator import p_student
         p = p_student(m["disc"], m["tok"], texts, cfg.max_disc_len, batch_size=cfg.micro_batch)   # [N] D(o)
         r_sim = similarity_reward(p, mode=cfg.similarity)
-        is_student = (torch.arange(len(texts)) % k) < cfg.group_size
+        is_student = student_rows(len(texts), k, cfg.group_size)
         out["disc/p_student_on_student"] = p[is_student].mean().item()
         out["disc/p_student_on_teacher"] = p[~is_student].mean().item()
     return combine_rewards(r_sim, r_ans)
@@ -518,7 +521,7 @@ def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -
                for s, p in zip(micro, micro_prompts)]
         ref = [response_logprobs(m["ref"], p, ids[s], mask[s], temp) if cfg.beta else None
                for s, p in zip(micro, micro_prompts)]
-    is_student = ((torch.arange(ids.shape[0]) % k) < cfg.group_size)[:, None] & mask   # [N, T]
+    is_student = student_rows(ids.shape[0], k, cfg.group_size)[:, None] & mask   # [N, T]
     stats, skipped, ent = [], 0, [0.0, 0.0]
     for _ in range(cfg.mu):
         loss_sum = 0.0
@@ -550,7 +553,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
     t0 = time.time()
     prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
     texts = decode(m["tok"], ids, mask)
-    is_student = (torch.arange(ids.shape[0]) % k) < cfg.group_size                         # [N]
+    is_student = student_rows(ids.shape[0], k, cfg.group_size)                             # [N]
     t1, out = time.time(), {}
     if "disc" in m and not cfg.freeze_disc:                                                # step 3: Eq. 1
         from discriminator import update
@@ -591,16 +594,16 @@ def _prompts_for(prompts: dict, rows: slice, k: int) -> dict:
 def save_checkpoint(run: Path, step: int, m: dict, state: dict, gen: torch.Generator) -> None:
     """runs/<name>/checkpoints/step-N: student (save_pretrained), discriminator, optimizers, RNG, step.
     Written to a temporary folder and renamed, then `latest` is replaced atomically."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = get_rank()
     tmp, final = run / "checkpoints" / f"step-{step}.tmp", run / "checkpoints" / f"step-{step}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_student(m["policy"], m["tok"], m["proc"], tmp / "student")
+    save_pretrained(m["policy"], tmp / "student", m["tok"], m["proc"])
     optim = {"policy": optim_state(m["policy"], m["popt"])}
     if "disc" in m:
-        save_discriminator(m["disc"], tmp / "discriminator")
+        save_pretrained(m["disc"], tmp / "discriminator")
         optim["disc"] = optim_state(m["disc"], m["dopt"])
     torch.save({"generator": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
                tmp / f"rng-rank{rank}.pt")
