@@ -65,23 +65,27 @@ def corpus(data_dir: Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template."""
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, special: list[str] = SPECIAL,
+                    chat_template: str = CHAT_TEMPLATE, named: dict | None = None) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template. Another Qwen2-based
+    family passes its own `special` tokens (appended in order), `chat_template`, and `named` special tokens that
+    its processor reads as tokenizer attributes (InternVL: {"context_image_token": "<IMG_CONTEXT>", ...})."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(special), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     spec = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
     qtok = Qwen2Tokenizer(vocab=spec["vocab"], merges=merges, errors="replace", unk_token=None,
-                          eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=2048)
-    qtok.add_tokens(SPECIAL, special_tokens=True)
-    qtok.chat_template = CHAT_TEMPLATE
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=2048,
+                          extra_special_tokens=named)
+    qtok.add_tokens(special, special_tokens=True)
+    qtok.chat_template = chat_template
     return qtok
 
 
