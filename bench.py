@@ -86,7 +86,7 @@ def main():
 
     def theirs(eos_ids):
         saved, model.generation_config.eos_token_id = model.generation_config.eos_token_id, (eos_ids or None)
-        vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw")}
+        vision = rollout.vision_inputs(prompts)
         try:
             out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
                                  mm_token_type_ids=prompts["mm_token_type_ids"], do_sample=True,

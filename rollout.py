@@ -7,15 +7,16 @@
 `generate` is a hand-written KV-cache decode loop rather than `model.generate`:
 - the vision tower and the prompt run once per prompt; the prompt's keys/values are then copied to its G samples;
 - the cache is one preallocated tensor per K and V, written in place; finished rows are dropped from it;
-- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL, from the image grid), and
-  nothing is read from or left on the model between calls (no `rope_deltas`);
+- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL, from the image grid; 1-D for
+  InternVL), and nothing is read from or left on the model between calls (no `rope_deltas`);
 - we call the decoder layers' own submodules (norms, projections, MLP) and do attention ourselves with SDPA,
   instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
 position ids. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
 top-k, top-p), in float32; with top-k, only the k candidates are sorted and drawn from (the same distribution).
-Supported decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (and text-only Qwen2 LLMs).
+Supported: Qwen2-VL, Qwen2.5-VL and InternVL3 (transformers format, `-hf`); the families differ only in FAMILIES
+below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (InternVL3's language model is Qwen2; text-only Qwen2 too).
 """
 from __future__ import annotations
 
@@ -28,14 +29,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------------------------
-# The family-specific part: how an image becomes placeholder tokens and which positions they get.
-# Keyed by the image processor's class name. Another family (e.g. InternVL: `<IMG_CONTEXT>` x 256 per tile,
-# 1-D positions) is one more entry; text-only batches need no entry (plain 1-D positions).
+# The family-specific part, all of it: how an image becomes tokens and which positions they get. Keyed by the image
+# processor's class name (a checkpoint ships its own). Text-only batches need no entry (plain 1-D positions).
+# image_token: what the chat template writes once per image (= config.image_token_id); kwargs: for the image
+# processor; per_image: the key of its output with one entry per image (Qwen: the patch grid t, h, w; InternVL: the
+# tile count); rows: entry -> rows of pixel_values; tokens: (entry, tokenizer, image processor) -> the ids that
+# replace the placeholder; inputs: the model's vision inputs; mrope: 3-D positions (Qwen2-VL family) or 1-D.
 
 
-def qwen_image_tokens(grid_thw: torch.Tensor, image_processor) -> int:
-    """Qwen2-VL family: one token per merge x merge block of 14 px patches."""
-    return int(grid_thw.prod()) // image_processor.merge_size ** 2
+def qwen_image_tokens(grid_thw, tokenizer, image_processor) -> list[int]:
+    """Qwen2-VL family: <|image_pad|> once per merge x merge block of 14 px patches."""
+    return [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * (int(grid_thw.prod()) // image_processor.merge_size ** 2)
+
+
+def internvl_image_tokens(n_tiles, tokenizer, image_processor) -> list[int]:
+    """InternVL (InternVLProcessor's expansion): <img>, <IMG_CONTEXT> once per token of every tile, </img>.
+    InternViT cuts a tile into 14 px patches and pixel-shuffles them by 0.5: one token per 28 x 28 px, so a 448 px
+    tile gives 256 tokens (config.image_seq_length). embed_prompts checks the count against the vision tower's."""
+    per_tile = (image_processor.size["height"] // 28) * (image_processor.size["width"] // 28)
+    start, context, end = tokenizer.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
+    return [start] + [context] * (per_tile * int(n_tiles)) + [end]
 
 
 def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.Tensor], merge: int) -> torch.Tensor:
@@ -58,7 +71,12 @@ def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.
 
 
 FAMILIES = {
-    "Qwen2VLImageProcessor": dict(image_token="<|image_pad|>", n_tokens=qwen_image_tokens, positions="mrope"),
+    "Qwen2VLImageProcessor": dict(image_token="<|image_pad|>", kwargs={}, per_image="image_grid_thw",
+                                  rows=lambda grid: int(grid.prod()), tokens=qwen_image_tokens,
+                                  inputs=("pixel_values", "image_grid_thw"), mrope=True),
+    "GotOcr2ImageProcessor": dict(image_token="<IMG_CONTEXT>", kwargs=dict(crop_to_patches=True),
+                                  per_image="num_patches", rows=int, tokens=internvl_image_tokens,
+                                  inputs=("pixel_values",), mrope=False),
 }
 
 
@@ -79,26 +97,27 @@ def encode_prompts(tokenizer, image_processor, questions: list[str], images: lis
 
     Returns input_ids / attention_mask / mm_token_type_ids [B, P], position_ids ([3, B, P] when the batch has
     images of an mRoPE family, else [B, P]), next_position [B] (the position of the first response token), and
-    pixel_values / image_grid_thw when there are images."""
+    when there are images the model's vision inputs (pixel_values, and image_grid_thw for Qwen) plus
+    image_rows [images] (rows of pixel_values per image)."""
     rows, vision = [], [im for im in images if im is not None]
     vision = [Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im for im in vision]
     family = family_of(image_processor) if vision else None
-    pix = image_processor(images=vision, return_tensors="pt") if vision else {}
-    grids = iter(pix["image_grid_thw"]) if vision else None
+    pix = image_processor(images=vision, return_tensors="pt", **family["kwargs"]) if vision else {}
+    per_image = iter(pix[family["per_image"]]) if vision else None
+    img_id = tokenizer.convert_tokens_to_ids(family["image_token"]) if family else -1
     for question, image in zip(questions, images):
         content = question if image is None else [{"type": "image"}, {"type": "text", "text": question}]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids, row_grids = [], []
+        ids, row_images = [], []
         for tok in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            if family and tok == tokenizer.convert_tokens_to_ids(family["image_token"]):
-                row_grids.append(next(grids))                                # expand the placeholder to n tokens
-                ids += [tok] * family["n_tokens"](row_grids[-1], image_processor)
+            if tok == img_id:                                                  # expand the placeholder
+                row_images.append(next(per_image))
+                ids += family["tokens"](row_images[-1], tokenizer, image_processor)
             else:
                 ids.append(tok)
-        if family and family["positions"] == "mrope":
-            img_id = tokenizer.convert_tokens_to_ids(family["image_token"])
-            pos = qwen_mrope_positions(ids, img_id, row_grids, image_processor.merge_size)  # [3, L]
+        if family and family["mrope"]:
+            pos = qwen_mrope_positions(ids, img_id, row_images, image_processor.merge_size)  # [3, L]
         else:
             pos = torch.arange(len(ids))[None]                                  # [1, L]
         rows.append((ids, pos))
@@ -111,19 +130,24 @@ def encode_prompts(tokenizer, image_processor, questions: list[str], images: lis
         input_ids[b, P - len(ids):] = torch.tensor(ids)
         attention_mask[b, P - len(ids):] = 1
         position_ids[:, b, P - len(ids):] = pos
-    img_id = tokenizer.convert_tokens_to_ids(family["image_token"]) if family else -1
     out = dict(input_ids=input_ids, attention_mask=attention_mask,
                mm_token_type_ids=(input_ids == img_id).long(),                 # 1 on image tokens (for HF)
                position_ids=position_ids if D == 3 else position_ids[0],
                next_position=position_ids.amax((0, 2)) + 1)                     # [B]
     if vision:
-        out.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+        out.update({k: pix[k] for k in family["inputs"]})
+        out["image_rows"] = torch.tensor([family["rows"](x) for x in pix[family["per_image"]]])  # [images]
     return out
 
 
+def vision_inputs(prompts: dict) -> dict:
+    """The model's image inputs among the prompt tensors (none for a text-only batch)."""
+    return {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
+
+
 def select_prompts(prompts: dict, index) -> dict:
-    """The prompt rows `index` (a list or LongTensor; repeats allowed), with their images' pixel_values and
-    image_grid_thw (rows without an image contribute none) and left-padding columns no row needs removed."""
+    """The prompt rows `index` (a list or LongTensor; repeats allowed), with their images' pixel_values rows and
+    per-image tensors (rows without an image contribute none) and left-padding columns no row needs removed."""
     index = torch.as_tensor(index, dtype=torch.long)
     out = {k: prompts[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "next_position")}
     out["position_ids"] = prompts["position_ids"][..., index, :]
@@ -131,11 +155,12 @@ def select_prompts(prompts: dict, index) -> dict:
         has_image = prompts["mm_token_type_ids"].any(1)                        # [B], one image per row at most
         image_of_row = has_image.long().cumsum(0) - 1                          # [B]
         images = image_of_row[index][has_image[index]]                         # the selected images, in order
-        sizes = prompts["image_grid_thw"].prod(-1)                             # patches per image
+        sizes = prompts["image_rows"]                                          # pixel_values rows per image
         starts = sizes.cumsum(0) - sizes
         if len(images):
             patch_rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in images.tolist()])
-            out.update(pixel_values=prompts["pixel_values"][patch_rows], image_grid_thw=prompts["image_grid_thw"][images])
+            out["pixel_values"] = prompts["pixel_values"][patch_rows]
+            out.update({k: prompts[k][images] for k in ("image_grid_thw", "image_rows") if k in prompts})
     first = int(out["attention_mask"].any(0).long().argmax())                  # first column some row uses
     for k in ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids"):
         out[k] = out[k][..., first:]
@@ -176,9 +201,14 @@ def embed_prompts(model, prompts: dict) -> torch.Tensor:
     """Token embeddings of the prompts with the vision tower's features scattered over the image tokens. [B, P, d]"""
     ids = prompts["input_ids"]
     x = text_model(model).embed_tokens(ids)                                   # [B, P, d]
-    if "pixel_values" in prompts:
-        feats = torch.cat(model.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"]).pooler_output)
-        x = x.masked_scatter((ids == model.config.image_token_id)[..., None], feats.to(x.dtype))
+    if "pixel_values" in prompts:                                             # Qwen: per image [n, d]; InternVL: per
+        out = model.model.get_image_features(**vision_inputs(prompts)).pooler_output  # tile [tokens, d]
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in out])          # [image tokens, d]
+        is_image = ids == model.config.image_token_id                         # [B, P]
+        if feats.shape[0] != int(is_image.sum()):
+            raise ValueError(f"{int(is_image.sum())} image tokens in the prompts but {feats.shape[0]} image features:"
+                             " rollout.FAMILIES expands images differently from this checkpoint")
+        x = x.masked_scatter(is_image[..., None], feats.to(x.device, x.dtype))
     return x
 
 
@@ -401,10 +431,9 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
     resp_pos = prompts["next_position"][:, None] + torch.arange(T, device=response_ids.device)  # [N, T]
     pos = prompts["position_ids"]
     pos = torch.cat([pos, resp_pos.expand(*pos.shape[:-2], N, T)], -1)        # [(3,) N, P+T]
-    vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
     logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1),
                    attention_mask=torch.cat([prompts["attention_mask"], response_mask.long()], 1),
-                   position_ids=pos, use_cache=False, logits_to_keep=T + 1, **vision).logits
+                   position_ids=pos, use_cache=False, logits_to_keep=T + 1, **vision_inputs(prompts)).logits
     logp = (logits[:, :-1].float() / temperature).log_softmax(-1)             # [N, T, V]
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
     if not return_entropy:

@@ -1,9 +1,10 @@
-"""Shared fixtures: a small embedded dataset and the tiny student built from it, once per test session."""
+"""Shared fixtures: a small embedded dataset and the tiny checkpoints built from it, once per test session."""
 import pytest
 import torch
 
 from data.build import build
 from data.tiny_student import build_tiny_student
+from tests.tiny_checkpoints import build_tiny_internvl, build_tiny_qwen2vl
 
 SMALL = {"sft": 200, "train": 120, "val": 40, "test": 40}
 
@@ -18,6 +19,18 @@ def embedded(tmp_path_factory):
 def tiny_student(embedded, tmp_path_factory):
     """Path of the tiny Qwen2.5-VL student saved with save_pretrained (tokenizer and image processor included)."""
     return build_tiny_student(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-student", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(embedded, tmp_path_factory):
+    """Path of a tiny Qwen2-VL checkpoint (tests/tiny_checkpoints.py)."""
+    return build_tiny_qwen2vl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(embedded, tmp_path_factory):
+    """Path of a tiny InternVL3 checkpoint in the transformers format (tests/tiny_checkpoints.py)."""
+    return build_tiny_internvl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
 
 
 @pytest.fixture
