@@ -6,7 +6,7 @@
 
 `generate` is a hand-written KV-cache decode loop rather than `model.generate`:
 - the vision tower and the prompt run once per prompt; the prompt's keys/values are then copied to its G samples;
-- the cache is one preallocated tensor per K and V, written in place; finished rows are dropped from it;
+- the cache is preallocated, one K and one V tensor per layer, written in place; finished rows are dropped from it;
 - positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL, from the image grid; 1-D for
   InternVL), and nothing is read from or left on the model between calls (no `rope_deltas`);
 - we call the decoder layers' own submodules (norms, projections, MLP) and do attention ourselves with SDPA,
@@ -240,31 +240,35 @@ def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
 
 
 def forward(model, x, cos, sin, k, v, start: int, bias) -> torch.Tensor:
-    """All decoder layers on embeddings x [n, L, d] with rotary cos/sin [n, L, D] and the cache k, v
-    [layers, n, Hkv, S, D]; logits of the last position, float32 [n, V]."""
-    lm = text_model(model)
-    for i, layer in enumerate(lm.layers):
-        x = decoder_layer(layer, x, cos, sin, k[i], v[i], start, bias)
-    return model.lm_head(lm.norm(x[:, -1])).float()
+    """All decoder layers on embeddings x [n, L, d] with rotary cos/sin [n, L, D] and the per-layer caches k, v
+    (lists of [n, Hkv, S, D]); logits of the last position, float32 [n, V], on x's device. A model whose layers sit
+    on several GPUs (loaded with device_map) works too: each layer's inputs move to its cache's device."""
+    lm, device = text_model(model), x.device
+    for layer, kc, vc in zip(lm.layers, k, v):
+        d = kc.device                                                         # (.to is a no-op on one device)
+        x = decoder_layer(layer, x.to(d), cos.to(d), sin.to(d), kc, vc, start, bias.to(d))
+    x = lm.norm(x[:, -1].to(lm.norm.weight.device))
+    return model.lm_head(x.to(model.lm_head.weight.device)).float().to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cache handling
 
 
-def allocate_cache(model, n: int, length: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty K and V caches [layers, n, Hkv, length, D], filled in place during decoding."""
-    lm, cfg = text_model(model), text_model(model).config
-    head_dim = lm.layers[0].self_attn.head_dim
-    shape = (len(lm.layers), n, cfg.num_key_value_heads, length, head_dim)
-    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+def allocate_cache(model, n: int, length: int, dtype) -> tuple[list, list]:
+    """Empty K and V caches, one [n, Hkv, length, D] per layer on that layer's device, filled in place."""
+    lm = text_model(model)
+    shape = (n, lm.config.num_key_value_heads, length, lm.layers[0].self_attn.head_dim)
+    devices = [layer.input_layernorm.weight.device for layer in lm.layers]
+    return ([torch.empty(shape, dtype=dtype, device=d) for d in devices],
+            [torch.empty(shape, dtype=dtype, device=d) for d in devices])
 
 
 def share_prefill(k, v, num_samples: int, P: int):
     """Copy the prompt's keys/values from sample 0 of each group (where the prefill wrote them) to samples 1..G-1."""
-    for c in (k, v):
-        g = c[:, :, :, :P].unflatten(1, (-1, num_samples))                     # [layers, B, G, Hkv, P, D] (a view)
-        g[:, :, 1:] = g[:, :, :1]
+    for c in k + v:
+        g = c[:, :, :P].unflatten(0, (-1, num_samples))                        # [B, G, Hkv, P, D] (a view)
+        g[:, 1:] = g[:, :1]
 
 
 # Dropping a row copies the whole cache, so ended rows are dropped together, once they are 1/DROP_EVERY of the
@@ -273,8 +277,8 @@ DROP_EVERY = 8
 
 
 def drop_rows(keep, k, v, *rows):
-    """Remove ended rows from the cache and from every per-row tensor (dim 0). Returns them in order."""
-    return (k[:, keep], v[:, keep], *(r[keep] for r in rows))
+    """Remove ended rows from the caches and from every per-row tensor (dim 0). Returns them in order."""
+    return ([c[keep.to(c.device)] for c in k], [c[keep.to(c.device)] for c in v], *(r[keep] for r in rows))
 
 
 @contextmanager
@@ -371,7 +375,7 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     with unsharded(model):
         # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
         x = embed_prompts(model, prompts)                                     # [B, P, d]
-        k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype, device)
+        k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype)
         # Attention bias over the cache [n, P + max_new_tokens], additive: -inf on prompt pads, 0 elsewhere (a step
         # reads only the columns written so far). The prefill's is causal on top of that; pads see themselves.
         bias = torch.zeros(n, P + max_new_tokens, dtype=x.dtype, device=device)
@@ -380,7 +384,7 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
         prefill_bias = bias[::G, None, None, :P] + causal
         prefill_bias.diagonal(dim1=-2, dim2=-1).zero_()                       # [B, 1, P, P]
         cos, sin = lm.rotary_emb(x, prompts["position_ids"])                  # [B, P, D]
-        logits = forward(model, x, cos, sin, k[:, ::G], v[:, ::G], 0, prefill_bias)  # [B, V]
+        logits = forward(model, x, cos, sin, [c[::G] for c in k], [c[::G] for c in v], 0, prefill_bias)  # [B, V]
         share_prefill(k, v, G, P)
         logits = logits.repeat_interleave(G, 0)                               # [n, V]
         seen = torch.zeros(n, logits.shape[-1], device=device)                # [n, V] prompt tokens, not pads
