@@ -3,6 +3,8 @@
 One row per question:
     {"id": str, "image": path relative to the file or null, "question": str, "answer": str,
      "teachers": {"teacher-name": [response, ...], ...},   # optional (evaluation sets have none)
+     "students": {"student-name": [response, ...], ...},   # optional: the student's own cached samples, for the
+                                                           #   discriminator's pre-training (data/teacher_cache.py)
      "response": str,                                      # optional: the SFT target for this question
      "kind": str}                                          # optional: question type, for per-type metrics
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 REQUIRED = {"id": str, "question": str, "answer": str}
-OPTIONAL = {"image", "teachers", "response", "kind"}
+OPTIONAL = {"image", "teachers", "students", "response", "kind"}
 
 
 def _check_row(row, base: Path) -> str | None:
@@ -34,15 +36,17 @@ def _check_row(row, base: Path) -> str | None:
     for key in ("response", "kind"):
         if key in row and (not isinstance(row[key], str) or not row[key].strip()):
             return f"field {key!r} must be a non-empty string when present"
-    teachers = row.get("teachers")
-    if teachers is not None:
-        if not isinstance(teachers, dict) or not teachers:
-            return "field 'teachers' must be a non-empty object {name: [response, ...]}"
-        for name, responses in teachers.items():
+    for field in ("teachers", "students"):
+        cache = row.get(field)
+        if cache is None:
+            continue
+        if not isinstance(cache, dict) or not cache:
+            return f"field {field!r} must be a non-empty object {{name: [response, ...]}}"
+        for name, responses in cache.items():
             if not isinstance(responses, list) or not responses:
-                return f"teachers[{name!r}] must be a non-empty list of responses"
+                return f"{field}[{name!r}] must be a non-empty list of responses"
             if not all(isinstance(r, str) for r in responses):
-                return f"teachers[{name!r}] must hold only strings"
+                return f"{field}[{name!r}] must hold only strings"
     image = row.get("image")
     if image is not None:
         if not isinstance(image, str) or not image:

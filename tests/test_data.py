@@ -117,6 +117,8 @@ GOOD = {"id": "a", "image": "ok.png", "question": "q?", "answer": "1", "teachers
     (dict(GOOD, teachers=["r"]), "'teachers' must be a non-empty object"),
     (dict(GOOD, teachers={"t": []}), "teachers['t'] must be a non-empty list"),
     (dict(GOOD, teachers={"t": ["ok", 3]}), "must hold only strings"),
+    (dict(GOOD, students={}), "'students' must be a non-empty object"),
+    (dict(GOOD, students={"s": ["ok", None]}), "students['s'] must hold only strings"),
     (dict(GOOD, teacher={"t": ["r"]}), "unknown field"),
     (GOOD, "duplicate id 'a'"),
 ])
