@@ -427,18 +427,20 @@ def teacher_names(cfg: Config, rows: list[dict]) -> list[str]:
 
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
-    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings), take
-    every cached response of the chosen teachers on them (all labelled teacher), train D, save it to `out`."""
+    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or take its
+    cached samples, the `students` field, when every row has them), take every cached response of the chosen
+    teachers on them (all labelled teacher), train D, save it to `out`."""
     from data.dataset import load_jsonl
     from discriminator import Discriminator, pretrain
     from rollout import encode_prompts, generate
     rows = load_jsonl(cfg.data)
     names = teacher_names(cfg, rows)
+    cached = all("students" in r for r in rows)  # written by data/teacher_cache.py --field students
     rows = rank_slice(rows, 0, min(cfg.disc_questions, len(rows)) // world_size() * world_size(), cfg.seed + 1)
     model, tok, proc = load_student(student, device, trainable=False)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    student_texts = []
-    for i in tqdm(range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
+    student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
+    for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
         batch = rows[i:i + 16]
         prompts = encode_prompts(tok, proc, [r["question"] for r in batch], images_of(batch))
         out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
@@ -453,7 +455,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
                      batch_size=max(1, cfg.disc_batch_size // (2 * world_size())), max_len=cfg.max_disc_len,
                      seed=cfg.seed * 1000 + rank, log_every=max(1, cfg.disc_steps // 5))
     if rank == 0:
-        print(f"discriminator pre-trained: {stats['steps']} steps, {stats['seconds']:.0f}s, "
+        print(f"discriminator pre-trained on {len(student_texts)} {'cached' if cached else 'sampled'} student responses"
+              f" per rank: {stats['steps']} steps, {stats['seconds']:.0f}s, "
               f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
     save_pretrained(disc, out)
     barrier()
