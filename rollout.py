@@ -142,7 +142,7 @@ def encode_prompts(tokenizer, image_processor, questions: list[str], images: lis
 
 def vision_inputs(prompts: dict) -> dict:
     """The model's image inputs among the prompt tensors (none for a text-only batch)."""
-    return {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
+    return {k: v for k, v in prompts.items() if any(k in f["inputs"] for f in FAMILIES.values())}
 
 
 def select_prompts(prompts: dict, index) -> dict:
