@@ -21,6 +21,7 @@ batch of questions at a time, one checkpoint after the other (one model in memor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -118,6 +119,7 @@ def fill(rows: dict, name: str, path: str, args, journal) -> dict:
         bar.update(len(batch))
     bar.close()
     del model
+    gc.collect()                                                             # free it before the next checkpoint
     return stats
 
 
