@@ -70,6 +70,7 @@ class Config:
     max_new_tokens: int = 1024     # response length cap (also Dr.GRPO's constant normaliser)
     max_disc_len: int = 1024       # discriminator input cap, in tokens (longer: cut from the left)
     micro_batch: int = 32          # sequences per forward/backward (gradient accumulation within a step)
+    grad_checkpointing: bool = False  # recompute activations in backward (real 3B/7B students need it)
     grad_clip: float = 1.0         # max gradient norm
     # SFT warm start and discriminator pre-training
     sft_steps: int = 1000          # SFT steps
@@ -284,13 +285,16 @@ def optim_state(model, optimizer, state=None):
 # ----------------------------------------------------------------------------------------------------
 # Models and data
 
-def load_student(path: str, device: torch.device, trainable: bool = True):
-    """(model, tokenizer, image processor) from a checkpoint folder, through the Auto classes."""
+def load_student(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False):
+    """(model, tokenizer, image processor) from a checkpoint folder, through the Auto classes. With
+    `checkpointing`, each layer's activations are recomputed in backward instead of stored."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     proc = AutoImageProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
     model.requires_grad_(trainable)
+    if checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return shard(model.train(trainable), device), tok, proc
 
 
@@ -394,7 +398,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     rows = [r for r in load_jsonl(cfg.sft_data) if "response" in r]
     if not rows:
         raise SystemExit(f"{cfg.sft_data}: no row has a `response` field to fine-tune on")
-    model, tok, proc = load_student(init, device)
+    model, tok, proc = load_student(init, device, checkpointing=cfg.grad_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
     bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
@@ -564,7 +568,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
         t_txt = [x for x, s in zip(texts, is_student) if not s]
         for _ in range(cfg.mu):
             out.update({f"disc/{a}": b for a, b in update(m["disc"], m["dopt"], m["tok"], s_txt, t_txt,
-                                                          cfg.max_disc_len).items()})
+                                                          cfg.max_disc_len, micro_batch_size=cfg.micro_batch).items()})
     t2 = time.time()
     R, parts = rewards(cfg, batch, texts, k, m, out)                                       # step 4
     adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo")                 # [N]
@@ -642,7 +646,8 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     if cfg.resume and ckpt is None:
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
     m = {}
-    m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device)
+    m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device,
+                                                    checkpointing=cfg.grad_checkpointing)
     m["ref"] = load_student(student, device, trainable=False)[0] if cfg.beta else None
     m["popt"] = torch.optim.AdamW(m["policy"].parameters(), lr=cfg.lr, weight_decay=0.0)
     if ril and cfg.similarity != "off":

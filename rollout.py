@@ -372,7 +372,8 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     ids, G, lm = prompts["input_ids"], num_samples, text_model(model)
     (B, P), n, device = ids.shape, ids.shape[0] * num_samples, ids.device
     eos = torch.tensor(eos_list(model, eos_token_id), dtype=torch.long, device=device)
-    with unsharded(model):
+    was_training = model.training  # eval mode while sampling: no dropout, no gradient-checkpointing wrappers
+    with unsharded(model.eval()):
         # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
         x = embed_prompts(model, prompts)                                     # [B, P, d]
         k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype)
@@ -413,6 +414,7 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
             x = lm.embed_tokens(tok)[:, None]                                 # [m, 1, d]
             logits = forward(model, x, cos_table[pos, None], sin_table[pos, None], k, v, P + t,
                              bias[:, None, None, :P + t + 1])                 # [m, V]
+    model.train(was_training)
     T = int(lengths.max())
     mask = torch.arange(T, device=device) < lengths[:, None]                 # [n, T]
     return Rollout(out[:, :T].masked_fill(~mask, pad_token_id), mask)

@@ -85,3 +85,15 @@ def test_resume_equals_straight_run(small_run):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
     rows = (out / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [int(r.split('"step": ')[1].split(",")[0]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_gradient_checkpointing_gives_the_same_update(small_run):
+    common, out = small_run
+    assert ril.load_student(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_gradient_checkpointing
+    args = common + ["--stage", "rl", "--steps", 1, "--save-every", 0, "--temperature", 0]
+    run(args + ["--name", "stored"])
+    run(args + ["--name", "recomputed", "--grad-checkpointing"])
+    a, b = (weights(out / n / "checkpoints" / "step-1" / "student") for n in ("stored", "recomputed"))
+    assert any(not torch.equal(a[k], weights(common[1])[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
