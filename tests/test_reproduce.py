@@ -19,17 +19,18 @@ def test_dry_run_commands(tmp_path, capsys):
     assert len(lines) == 3 and lines[-1] == "2 runs to do, 1 finished runs skipped"
     for seed, line in zip((0, 1), lines):
         args = line.split()
-        assert args[1].endswith("ril.py")  # one process per run by default: plain python
+        assert "--nproc_per_node=2" in line  # one 2-process run at a time by default
         assert reproduce.flag_value(args, "--beta") == "0"  # the configuration's flag wins over a common one
         assert reproduce.flag_value(args, "--steps") == "7" and reproduce.flag_value(args, "--stage") == "rl"
         assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}" and reproduce.flag_value(args, "--seed") == str(seed)
         assert ("--resume" in args) == (seed == 1)
-    reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "2", "--out", str(tmp_path)])
-    assert "--standalone --nproc_per_node=2" in capsys.readouterr().out
+    reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "1", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.split()[1].endswith("ril.py")  # one process: plain python
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--only", "ril,grpo"], "unknown configuration"),
+    (["--seeds", "0,x"], "comma-separated integers"),
     (["--", "--seed", "3"], "--seed: set per run"),
     (["--name=x"], "--name: set per run"),
 ])
@@ -41,8 +42,8 @@ def test_bad_arguments(argv, message, capsys):
 
 def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     out = tmp_path / "grid"
-    argv = ["--only", "grpo,ril-both", "--seeds", "0,1", "--steps", "2", "--eval-limit", "4", "--nproc", "1",
-            "--parallel", "2", "--out", str(out), "--",
+    argv = ["--only", "grpo,ril-both", "--seeds", "0,1", "--steps", "1", "--nproc", "1", "--parallel", "2",
+            "--out", str(out), "--eval-limit", "4", "--",
             "--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
             "--eval-data", str(embedded / "test.jsonl"), "--batch-size", "2", "--group-size", "2",
             "--max-new-tokens", "16", "--max-disc-len", "64", "--micro-batch", "8", "--sample-every", "0",
