@@ -1,0 +1,76 @@
+"""reproduce.py: the commands it builds, and a 2 x 2 grid on the tiny student end to end (table, curves, resume)."""
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reproduce
+
+
+def test_dry_run_commands(tmp_path, capsys):
+    (tmp_path / "beta0-s1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "beta0-s1" / "checkpoints" / "latest").write_text("step-2")  # interrupted: resumes
+    (tmp_path / "beta0-s2").mkdir()
+    (tmp_path / "beta0-s2" / "summary.json").write_text("{}")                # finished: skipped
+    reproduce.main(["--dry-run", "--only", "beta0", "--out", str(tmp_path), "--steps", "7", "--beta", "0.5",
+                    "--", "--student", str(tmp_path), "--discriminator", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[-1] == "2 runs to do, 1 finished runs skipped"
+    for seed, line in zip((0, 1), lines):
+        args = line.split()
+        assert "--nproc_per_node=2" in line  # one 2-process run at a time by default
+        assert reproduce.flag_value(args, "--beta") == "0"  # the configuration's flag wins over a common one
+        assert reproduce.flag_value(args, "--steps") == "7" and reproduce.flag_value(args, "--stage") == "rl"
+        assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}" and reproduce.flag_value(args, "--seed") == str(seed)
+        assert ("--resume" in args) == (seed == 1)
+    reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "1", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.split()[1].endswith("ril.py")  # one process: plain python
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "ril,grpo"], "unknown configuration"),
+    (["--seeds", "0,x"], "comma-separated integers"),
+    (["--", "--seed", "3"], "--seed: set per run"),
+    (["--name=x"], "--name: set per run"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--dry-run", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["--only", "grpo,ril-both", "--seeds", "0,1", "--steps", "1", "--nproc", "1", "--parallel", "2",
+            "--out", str(out), "--eval-limit", "4", "--",
+            "--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
+            "--eval-data", str(embedded / "test.jsonl"), "--batch-size", "2", "--group-size", "2",
+            "--max-new-tokens", "16", "--max-disc-len", "64", "--micro-batch", "8", "--sample-every", "0",
+            "--save-every", "0", "--disc-steps", "1", "--disc-questions", "4", "--disc-samples", "1",
+            "--disc-batch-size", "4"]
+    reproduce.main(argv)
+    printed = capsys.readouterr().out
+    runs = [f"{n}-s{s}" for n in ("grpo", "ril-both") for s in (0, 1)]
+    for r in runs:
+        assert (out / r / "summary.json").is_file() and (out / r / "log.txt").is_file()
+    assert (out / "shared" / "discriminator" / "config.json").is_file()  # one discriminator for every run
+    assert "--discriminator" in (out / "ril-both-s1" / "log.txt").read_text().splitlines()[0]
+
+    table = (out / "table.md").read_text()
+    assert table.strip() in printed
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert sorted(r.split("|")[1].strip() for r in rows) == ["grpo", "ril-both"]  # the seeds of a configuration together
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[1] == "2" and re.fullmatch(r"\S+ ± \S+", cells[2])  # 2 seeds, accuracy_before as mean ± std
+
+    img = Image.open(out / "curves.png")
+    assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
+
+    stamps = {r: (out / r / "summary.json").stat().st_mtime_ns for r in runs}
+    reproduce.main(argv)  # everything finished: nothing runs again, the report is rewritten
+    printed = capsys.readouterr().out
+    assert "4 finished (skipped), 0 to do" in printed and "0 runs (4 skipped)" in printed
+    assert {r: (out / r / "summary.json").stat().st_mtime_ns for r in runs} == stamps
+    assert (out / "table.md").read_text() == table
