@@ -50,7 +50,7 @@ class Discriminator(nn.Module):
                           use_cache=False).last_hidden_state  # [B, L, d]
         last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # [B] index of the last real token
         h_last = h[torch.arange(h.size(0), device=h.device), last]  # [B, d]
-        return self.head(h_last).squeeze(-1).float()  # [B]
+        return self.head(h_last).squeeze(-1).float().clone()  # [B]; a new tensor: FSDP2 warns on returned views
 
     @classmethod
     def from_student(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":

@@ -76,6 +76,7 @@ class Config:
     sft_steps: int = 1000          # SFT steps
     sft_lr: float = 1e-5           # SFT learning rate, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)
     sft_batch_size: int = 64       # SFT sequences per step, all ranks together
+    sft_micro_batch: int = 16      # SFT sequences per forward/backward, grouped by length (less padding)
     disc_steps: int = 500          # discriminator pre-training steps
     disc_batch_size: int = 32      # responses per pre-training step, half student half teacher
     disc_questions: int = 2000     # questions whose student samples pre-train the discriminator
@@ -93,10 +94,10 @@ class Config:
 
 # The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs larger
 # learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace the paper's
-# defaults only when no --student is given, and only for flags not set on the command line. The policy lr
-# is small on purpose: measured, 5e-5 to 2e-4 pushed the tiny student off its SFT style into word salad
-# within 20-60 steps when it started far from the teachers (README, "What the embedded run shows").
-EMBEDDED = dict(lr=2e-5, disc_lr=1e-4, batch_size=16, steps=100, max_new_tokens=96, max_disc_len=192,
+# defaults only when no --student is given, and only for flags not set on the command line. Measured: a
+# policy lr of 5e-5 to 2e-4 pushed a student whose SFT data held no teacher-style text into word salad within
+# 20-60 steps; with a fifth of the SFT rows in a teacher's style (data/build.py) 1e-4 stayed stable.
+EMBEDDED = dict(lr=1e-4, disc_lr=1e-4, batch_size=16, steps=100, max_new_tokens=96, max_disc_len=192,
                 micro_batch=64, sft_steps=300, sft_lr=2e-3, sft_batch_size=64, disc_steps=60,
                 disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
                 sample_every=50)
@@ -130,7 +131,8 @@ def check_config(cfg: Config) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size"):
+    for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size",
+                "sft_micro_batch"):
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.algo == "grpo" and cfg.group_size < 2:
@@ -404,15 +406,21 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
     for step in bar:
         batch = rank_slice(rows, step, cfg.sft_batch_size, cfg.seed)
-        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], images_of(batch))
         ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
-        n_tok = mask.sum().item()
-        logp = response_logprobs(model, prompts, ids, mask)                      # [B, T]
-        loss = -(logp * mask).sum() / max(n_tok, 1)                             # token-mean cross-entropy
-        (loss * token_mean_scale(n_tok, all_sum(n_tok))).backward()
+        total = all_sum(mask.sum())
+        # Micro-batches of similar response lengths (less padding); each adds its share of the global token mean.
+        order, nll = mask.sum(1).argsort().tolist(), 0.0
+        for i in range(0, len(order), cfg.sft_micro_batch):
+            mb = order[i:i + cfg.sft_micro_batch]
+            prompts = encode_prompts(tok, proc, [batch[j]["question"] for j in mb], images_of([batch[j] for j in mb]))
+            width = int(mask[mb].sum(1).max())
+            logp = response_logprobs(model, prompts, ids[mb, :width], mask[mb, :width])   # [mb, T]
+            loss = -(logp * mask[mb, :width]).sum() / total                               # token-mean cross-entropy
+            (loss * world_size()).backward()                # FSDP averages gradients over ranks
+            nll += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{all_sum(nll):.3f}")
     save_pretrained(model, out, tok, proc)
     barrier()
 
@@ -729,6 +737,9 @@ def main(argv=None) -> None:
         student = str(TINY_DIR / "tiny-sft")
         if cfg.stage == "sft" or (cfg.stage == "all" and not (Path(student) / "config.json").exists()):
             sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), device, rank)
+        elif not (Path(student) / "config.json").exists():
+            raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
+                             "(or the whole pipeline) first")
         disc = disc or str(TINY_DIR / "tiny-disc")
     elif cfg.stage == "sft":
         sft(cfg, cfg.student, run / "sft", device, rank)

@@ -20,6 +20,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from data.scenes import BACKGROUND
+
 # Qwen2.5-VL's special tokens, in the checkpoint's order.
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -106,9 +108,16 @@ def build_model(tok: Qwen2Tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalG
 
 
 def image_processor() -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL's image processor; small scenes are kept at their size (multiples of 28 px)."""
+    """Qwen2-VL's image processor; small scenes are kept at their size (multiples of 28 px).
+
+    Pixels are normalised around the scenes' background colour, so an empty cell is zero and only the shapes
+    reach the randomly initialised vision tower. Measured: with CLIP's mean and std the bright background
+    dominated every patch, SFT grew that common component until the image tokens were nearly identical
+    (spread 4% of their norm), and the SFT student answered at the majority-class rate on every question type;
+    with this normalisation the spread stays ~70% and it learns to count objects within the SFT stage."""
     return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14,
-                                    temporal_patch_size=2, merge_size=2)
+                                    temporal_patch_size=2, merge_size=2,
+                                    image_mean=[c / 255 for c in BACKGROUND], image_std=[0.5, 0.5, 0.5])
 
 
 def build_tiny_student(data_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
