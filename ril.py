@@ -296,7 +296,7 @@ def load_student(path: str, device: torch.device, trainable: bool = True, checkp
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
     model.requires_grad_(trainable)
     if checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return shard(model.train(trainable), device), tok, proc
 
 

@@ -89,7 +89,7 @@ def test_resume_equals_straight_run(small_run):
 
 def test_gradient_checkpointing_gives_the_same_update(small_run):
     common, out = small_run
-    assert ril.load_student(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_gradient_checkpointing
+    assert ril.load_student(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_activation_checkpointing
     args = common + ["--stage", "rl", "--steps", 1, "--save-every", 0, "--temperature", 0]
     run(args + ["--name", "stored"])
     run(args + ["--name", "recomputed", "--grad-checkpointing"])
