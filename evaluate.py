@@ -285,6 +285,7 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
     ncols = math.ceil(len(keys) / math.ceil(len(keys) / 3))  # 5 -> 3 + 2, 4 -> 2 + 2
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    color = {label: f"C{i % 10}" for i, label in enumerate(groups)}  # one colour per group in every panel
     for ax, key in zip(axes.flat, keys):
         for label, rs in groups.items():
             by_step: dict[int, list[float]] = {}
@@ -296,17 +297,18 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
             steps = sorted(by_step)
             mean = [statistics.fmean(by_step[s]) for s in steps]
             std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]  # as in the table
-            (line,) = ax.plot(steps, mean, label=f"{label} (n={len(rs)})", marker="o" if len(steps) <= 30 else None,
-                              markersize=3)
+            ax.plot(steps, mean, color=color[label], marker="o" if len(steps) <= 30 else None, markersize=3)
             if len(rs) > 1:
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
+                                color=color[label], alpha=0.2, linewidth=0)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    from matplotlib.lines import Line2D
+    axes.flat[0].legend(handles=[Line2D([], [], color=color[label], marker="o", markersize=3,
+                                        label=f"{label} (n={len(rs)})") for label, rs in groups.items()], fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
