@@ -1,6 +1,9 @@
 """Shared fixtures: a small embedded dataset and the tiny checkpoints built from it, once per test session."""
+import json
+
 import pytest
 import torch
+from PIL import Image
 
 from data.build import build
 from data.tiny_student import build_tiny_student
@@ -31,6 +34,16 @@ def tiny_qwen2vl(embedded, tmp_path_factory):
 def tiny_internvl(embedded, tmp_path_factory):
     """Path of a tiny InternVL3 checkpoint in the transformers format (tests/tiny_checkpoints.py)."""
     return build_tiny_internvl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
+
+
+@pytest.fixture(scope="module")
+def batch(embedded):
+    """Four questions of different lengths: three images of different sizes (Qwen2.5-VL: 9, 8 and 6 image tokens;
+    InternVL: 5, 3 and 3 tiles), one text-only."""
+    rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
+    images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
+    images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]
+    return [r["question"] + " Think." * i for i, r in enumerate(rows)], images
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, InternVLProcessor,
                           ProcessorMixin, Qwen2VLProcessor)
 
 import rollout as R
 from discriminator import Discriminator, p_student
+from tests.test_rollout import hf_generate
 from tests.test_ril import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,24 +34,6 @@ def student(request):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     return SimpleNamespace(name=request.param, path=path, model=model, tok=AutoTokenizer.from_pretrained(path),
                            ip=AutoImageProcessor.from_pretrained(path))
-
-
-@pytest.fixture(scope="module")
-def batch(embedded):
-    """Four questions of different lengths: three images of different sizes (InternVL: 5, 3 and 3 tiles), one text-only."""
-    rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
-    images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
-    images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]
-    return [r["question"] + " Think." * i for i, r in enumerate(rows)], images
-
-
-def hf_generate(model, prompts, **kw):
-    """transformers' generate on the same tensors (Qwen: with mm_token_type_ids, so it uses real 3-D positions)."""
-    mm = ({"mm_token_type_ids": prompts["mm_token_type_ids"]}
-          if "mm_token_type_ids" in inspect.signature(model.forward).parameters else {})
-    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], pad_token_id=0,
-                         suppress_tokens=R.placeholder_ids(model), **mm, **R.vision_inputs(prompts), **kw)
-    return out[:, prompts["input_ids"].shape[1]:]
 
 
 def test_loads_through_the_auto_classes_without_torchvision(student):

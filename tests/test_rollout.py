@@ -1,10 +1,9 @@
 """rollout.py against transformers: greedy decoding, teacher-forced log-probs, sampling knobs, masks, helpers."""
 import copy
-import json
+import inspect
 
 import pytest
 import torch
-from PIL import Image
 from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -41,21 +40,12 @@ def qwen2vl(student):
     return model, tok, ip
 
 
-@pytest.fixture(scope="module")
-def batch(embedded):
-    """Four questions of different lengths: three images of different sizes (9, 8 and 6 image tokens), one text-only."""
-    rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
-    images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
-    images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]
-    return [r["question"] + " Think." * i for i, r in enumerate(rows)], images
-
-
 def hf_generate(model, prompts, **kw):
-    """transformers' generate on the same tensors (mm_token_type_ids given, so it uses real 3-D positions)."""
-    vision = {k: prompts[k] for k in ("pixel_values", "image_grid_thw") if k in prompts}
-    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                         mm_token_type_ids=prompts["mm_token_type_ids"], pad_token_id=0,
-                         suppress_tokens=R.placeholder_ids(model), **vision, **kw)
+    """transformers' generate on the same tensors (Qwen: with mm_token_type_ids, so it uses real 3-D positions)."""
+    mm = ({"mm_token_type_ids": prompts["mm_token_type_ids"]}
+          if "mm_token_type_ids" in inspect.signature(model.forward).parameters else {})
+    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], pad_token_id=0,
+                         suppress_tokens=R.placeholder_ids(model), **mm, **R.vision_inputs(prompts), **kw)
     return out[:, prompts["input_ids"].shape[1]:]
 
 
