@@ -183,15 +183,16 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
     weights = torch.cat([torch.full((ns,), 0.5 / ns), torch.full((nt,), 0.5 / nt)])  # [N] Eq. 1 as a sum
     mb, dev = micro_batch_size or len(texts), _device(disc)
     disc.train()
-    logits, n_cut = [], 0
+    order = sorted(range(len(texts)), key=lambda j: len(texts[j]))  # micro-batches of similar lengths: less padding
+    logits, n_cut = torch.zeros(len(texts)), 0
     for i in range(0, len(texts), mb):
-        enc, cut = encode_for_discriminator(tokenizer, texts[i:i + mb], max_len)
+        idx = order[i:i + mb]
+        enc, cut = encode_for_discriminator(tokenizer, [texts[j] for j in idx], max_len)
         n_cut += cut
         lg = disc(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))  # [mb]
-        per = F.binary_cross_entropy_with_logits(lg, labels[i:i + mb].to(dev), reduction="none")  # [mb]
-        (per * weights[i:i + mb].to(dev)).sum().backward()  # sums over micro-batches to Eq. 1
-        logits.append(lg.detach().float().cpu())
-    logits = torch.cat(logits)  # [N]
+        per = F.binary_cross_entropy_with_logits(lg, labels[idx].to(dev), reduction="none")  # [mb]
+        (per * weights[idx].to(dev)).sum().backward()  # sums over micro-batches to Eq. 1
+        logits[idx] = lg.detach().float().cpu()
     loss = discriminator_loss(logits[:ns], logits[ns:]).item()
     gn = torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm if max_grad_norm else float("inf"))
     gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()  # a DTensor under FSDP2
