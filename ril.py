@@ -105,9 +105,9 @@ class Config:
 # direction until every object gave the same image token (cosine 0.99997 between a red circle and a blue
 # triangle), and the student could count objects but never tell colours apart. Measured on 300 SFT steps of
 # plain answers to fresh scenes: "what color is the largest object?" 0.25 at the full lr, 1.00 at a tenth.
-EMBEDDED = dict(lr=1e-4, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16, steps=100, max_new_tokens=96, max_disc_len=192,
-                micro_batch=32, sft_steps=300, sft_lr=2e-3, sft_batch_size=64, disc_steps=60,
-                disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
+EMBEDDED = dict(lr=1e-4, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16, steps=100,
+                max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=300, sft_lr=2e-3, sft_batch_size=64,
+                disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
                 sample_every=50)
 EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
 TINY_DIR = Path(__file__).parent / "checkpoints"
@@ -272,6 +272,13 @@ def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = Fa
             fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep_gathered)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def length_batches(mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, slice]]:
+    """Micro-batches of `size` sequences of similar lengths, each cut to its longest response (less padding, the
+    same sums): (row indices, column slice) pairs over the response mask [N, T]."""
+    order = mask.sum(1).argsort(stable=True)
+    return [(rows, slice(0, max(1, int(mask[rows].sum(1).max())))) for rows in order.split(size)]
 
 
 def sync_gradients(model: torch.nn.Module, last: bool) -> None:
@@ -441,15 +448,13 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
         batch = rank_slice(rows, step, cfg.sft_batch_size, cfg.seed)
         ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
         total = all_sum(mask.sum())
-        # Micro-batches of similar response lengths (less padding); each adds its share of the global token mean.
-        order, nll = mask.sum(1).argsort().tolist(), 0.0
-        for i in range(0, len(order), cfg.sft_micro_batch):
-            mb = order[i:i + cfg.sft_micro_batch]
-            sync_gradients(model, i + cfg.sft_micro_batch >= len(order))
-            prompts = encode_prompts(tok, proc, [batch[j]["question"] for j in mb], images_of([batch[j] for j in mb]))
-            width = int(mask[mb].sum(1).max())
-            logp = response_logprobs(model, prompts, ids[mb, :width], mask[mb, :width])   # [mb, T]
-            loss = -(logp * mask[mb, :width]).sum() / total                               # token-mean cross-entropy
+        micro, nll = length_batches(mask, cfg.sft_micro_batch), 0.0  # each adds its share of the global token mean
+        for i, (mb, w) in enumerate(micro):
+            sync_gradients(model, i == len(micro) - 1)
+            rows = [batch[j] for j in mb.tolist()]
+            prompts = encode_prompts(tok, proc, [r["question"] for r in rows], images_of(rows))
+            logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
+            loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
             (loss * world_size()).backward()                # FSDP averages gradients over ranks
             nll += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -562,10 +567,7 @@ def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -
     policy, temp = m["policy"], cfg.temperature or 1.0  # greedy runs score log-probs at T = 1
     count = lambda msk: msk.sum().item() if cfg.loss_agg == "token-mean" else float(msk.shape[0])
     total = all_sum(count(mask))
-    # Micro-batches of sequences of similar lengths, each cut to its longest response: less padding, same sums.
-    order = mask.sum(1).argsort(stable=True)
-    micro = [order[i:i + cfg.micro_batch] for i in range(0, len(order), cfg.micro_batch)]
-    micro = [(s, slice(0, int(mask[s].sum(1).max()))) for s in micro]                  # (rows, columns)
+    micro = length_batches(mask, cfg.micro_batch)                                       # (rows, columns)
     micro_prompts = [select_prompts(prompts, s // k) for s, _ in micro]                # response n <- prompt n // k
     with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: reuse the live log-probs, detached) and pi_ref
         old = [response_logprobs(policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1 else None

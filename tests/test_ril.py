@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 import ril
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 12
 
 
 def run(args, nproc=1, check=True):
@@ -118,7 +117,7 @@ def test_short_run_raises_the_mean_reward(small_run):
     """A few RIL steps against a fixed discriminator raise the student's reward (here: looking like a teacher,
     the part a random tiny student can earn); the answer part stays in the reward."""
     common, out = small_run
-    run(common + ["--stage", "rl", "--name", "learn", "--steps", STEPS, "--save-every", 0, "--freeze-disc",
+    run(common + ["--stage", "rl", "--name", "learn", "--steps", 12, "--save-every", 0, "--freeze-disc",
                   "--lr", 3e-3, "--group-size", 4])
     rows = [json.loads(line) for line in (out / "learn" / "metrics.jsonl").read_text().splitlines()]
     first, last = (sum(r["reward/total"] for r in part) / len(part) for part in (rows[:4], rows[-4:]))
