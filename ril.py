@@ -451,8 +451,8 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
         micro, nll = length_batches(mask, cfg.sft_micro_batch), 0.0  # each adds its share of the global token mean
         for i, (mb, w) in enumerate(micro):
             sync_gradients(model, i == len(micro) - 1)
-            rows = [batch[j] for j in mb.tolist()]
-            prompts = encode_prompts(tok, proc, [r["question"] for r in rows], images_of(rows))
+            part = [batch[j] for j in mb.tolist()]
+            prompts = encode_prompts(tok, proc, [r["question"] for r in part], images_of(part))
             logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
             (loss * world_size()).backward()                # FSDP averages gradients over ranks

@@ -123,3 +123,16 @@ def test_short_run_raises_the_mean_reward(small_run):
     first, last = (sum(r["reward/total"] for r in part) / len(part) for part in (rows[:4], rows[-4:]))
     print(f"mean student reward: first 4 steps {first:.3f}, last 4 {last:.3f}")
     assert last > first + 0.2
+
+
+def test_sft_visits_every_row_once_per_epoch(tiny_student, embedded, tmp_path, monkeypatch, one_thread):
+    """25 steps of 8 rows over the 200 SFT rows: every question is trained on exactly once."""
+    import rollout
+    seen, encode = [], rollout.encode_prompts
+    monkeypatch.setattr(rollout, "encode_prompts", lambda tok, proc, qs, *a, **kw: seen.extend(qs) or encode(
+        tok, proc, qs, *a, **kw))
+    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"), "--stage",
+                            "sft", "--sft-steps", "25", "--sft-batch-size", "8", "--sft-micro-batch", "3"])
+    ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
+    rows = [json.loads(line) for line in open(embedded / "sft.jsonl")]
+    assert sorted(seen) == sorted(r["question"] for r in rows)
