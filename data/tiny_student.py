@@ -91,17 +91,19 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, special: list[str]
     return qtok
 
 
-def build_model(tok: Qwen2Tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    """Qwen2.5-VL from the tiny config, random weights from `seed`."""
+def build_model(tok: Qwen2Tokenizer, seed: int = 0, text: dict = TEXT, vision: dict = VISION,
+                config_class=Qwen2_5_VLConfig, model_class=Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL (or another Qwen-VL class) from the tiny config, random weights from `seed`, the special tokens'
+    ids from `tok`."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+    config = config_class(
+        text_config=dict(text, vocab_size=len(tok), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model

@@ -14,7 +14,7 @@ from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoT
 
 import rollout as R
 from discriminator import Discriminator, p_student
-from tests.test_rollout import hf_generate
+from tests.test_rollout import check_greedy_equals_transformers
 from tests.test_ril import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,15 +71,7 @@ def test_prompts_equal_the_checkpoints_own_processor(student, batch, monkeypatch
 
 
 def test_greedy_equals_transformers(student, batch):
-    model, tok, ip = student.model, student.tok, student.ip
-    p = R.encode_prompts(tok, ip, *batch, system="Answer briefly.")
-    for kw in (dict(), dict(repetition_penalty=1.3)):  # the penalty makes random-weight greedy output less repetitive
-        free = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=[], **kw)
-        eos = int(free.response_ids[0, 4])                       # a token row 0 emits: rows end early
-        ours = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=eos, **kw)
-        theirs = hf_generate(model, p, max_new_tokens=12, do_sample=False, eos_token_id=eos, **kw)
-        assert torch.equal(ours.response_ids, theirs), (ours.response_ids, theirs)
-        assert ours.response_mask.sum(1).min() < 12
+    check_greedy_equals_transformers(student.model, student.tok, student.ip, batch)
 
 
 def test_response_logprobs_equal_each_sequence_alone(student, batch):

@@ -60,9 +60,9 @@ def test_positions_match_get_rope_index(student, batch):
     assert (p["mm_token_type_ids"].sum(1) == torch.tensor([9, 8, 0, 6])).all()
 
 
-@pytest.mark.parametrize("which", ["student", "qwen2vl"])
-def test_greedy_equals_transformers(which, request, batch):
-    model, tok, ip = request.getfixturevalue(which)
+def check_greedy_equals_transformers(model, tok, ip, batch):
+    """Greedy `generate` = transformers' greedy `generate`, token for token, with and without a repetition
+    penalty, with rows that end early at an EOS."""
     p = R.encode_prompts(tok, ip, *batch, system="Answer briefly.")
     for kw in (dict(), dict(repetition_penalty=1.3)):  # the penalty makes random-weight greedy output less repetitive
         free = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=[], **kw)
@@ -71,6 +71,11 @@ def test_greedy_equals_transformers(which, request, batch):
         theirs = hf_generate(model, p, max_new_tokens=12, do_sample=False, eos_token_id=eos, **kw)
         assert torch.equal(ours.response_ids, theirs), (ours.response_ids, theirs)
         assert ours.response_mask.sum(1).min() < 12
+
+
+@pytest.mark.parametrize("which", ["student", "qwen2vl"])
+def test_greedy_equals_transformers(which, request, batch):
+    check_greedy_equals_transformers(*request.getfixturevalue(which), batch)
 
 
 @pytest.mark.parametrize("which", ["student", "qwen2vl"])

@@ -17,7 +17,7 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from data.tiny_student import SPECIAL, corpus, image_processor, train_tokenizer
+from data.tiny_student import SPECIAL, build_model, corpus, image_processor, train_tokenizer
 
 # InternVL3-hf's tokens on top of Qwen's, and the names its processor reads them by (tokenizer.start_image_token, ...).
 INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
@@ -44,20 +44,11 @@ def save(out: Path, model, tok, proc) -> Path:
 def build_tiny_qwen2vl(data_dir: Path, out: Path, seed: int = 1) -> Path:
     """Qwen2-VL: 2 layers, 96 wide, 3 query heads / 1 KV head, mRoPE sections [2, 7, 7]."""
     tok = train_tokenizer(corpus(Path(data_dir)))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=1, initializer_range=0.1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 7, 7]},
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    text = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=3,
+                num_key_value_heads=1, initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 7, 7]})
+    vision = dict(depth=1, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2)
+    model = build_model(tok, seed, text, vision, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
     return save(Path(out), model, tok, image_processor())
 
 
