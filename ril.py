@@ -101,8 +101,8 @@ class Config:
 # defaults only when no --student is given, and only for flags not set on the command line. Measured: a
 # policy lr of 5e-5 to 2e-4 pushed a student whose SFT data held no teacher-style text into word salad within
 # 20-60 steps; with a fifth of the SFT rows in a teacher's style (data/build.py) 1e-4 stayed stable but traded
-# held-out accuracy for the teachers' form (0.530 -> 0.395 in 100 steps), 2e-5 imitates more slowly and keeps
-# it (0.530 -> 0.515, the similarity reward of the student's samples 0.13 -> 0.49). The vision
+# held-out accuracy for the teachers' form (0.530 -> 0.395 in 100 steps), 2e-5 imitates more slowly and loses
+# less (0.530 -> 0.515 and 0.535 -> 0.480; the similarity reward of its samples ~0.15 -> ~0.56). The vision
 # tower moves at a tenth of the lr: at the full SFT lr its patch embedding grew one shared "an object is here"
 # direction until every object gave the same image token (cosine 0.99997 between a red circle and a blue
 # triangle), and the student could count objects but never tell colours apart. Measured on 300 SFT steps of
