@@ -589,7 +589,7 @@ def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -
             (loss * token_mean_scale(count(mask[s]), total)).backward()
             loss_sum += loss.item() * count(mask[s]) / max(count(mask), 1)
             stats.append(st)
-            ent = [ent[0] + (entropy.detach() * is_student[s, w]).sum().item(), ent[1] + is_student[s].sum().item()]
+            ent = [ent[0] + (entropy.detach() * is_student[s, w]).sum().item(), ent[1] + is_student[s, w].sum().item()]
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
         if all_sum(float(not (math.isfinite(gnorm) and math.isfinite(loss_sum)))) > 0:

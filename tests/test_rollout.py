@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, RepetitionPenaltyLogitsProcessor,
+                          Qwen2VLForConditionalGeneration, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import rollout as R
@@ -21,23 +21,11 @@ def student(tiny_student):
 
 
 @pytest.fixture(scope="module")
-def qwen2vl(student):
-    """A second architecture and size: Qwen2-VL, 2 layers, 96 wide, 3 heads / 1 KV head, other mRoPE sections."""
-    _, tok, ip = student
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                      "<|vision_end|>", "<|im_end|>")}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=1, initializer_range=0.1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 7, 7]},
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=0),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(1)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    return model, tok, ip
+def qwen2vl(tiny_qwen2vl):
+    """A second architecture and size: Qwen2-VL, 2 layers, 96 wide, 3 heads / 1 KV head, other mRoPE sections
+    (tests/tiny_checkpoints.py)."""
+    tok, ip = AutoTokenizer.from_pretrained(tiny_qwen2vl), AutoImageProcessor.from_pretrained(tiny_qwen2vl)
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl).eval(), tok, ip
 
 
 def hf_generate(model, prompts, **kw):
