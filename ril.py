@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,34 +348,6 @@ def save_pretrained(module, path: Path, *extras) -> None:
             extra.save_pretrained(path)
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of the n items in one epoch (drawn once, not once per item)."""
-    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-
-
-def rank_slice(items: list, step: int, per_step: int, seed: int) -> list:
-    """This rank's share of the `step`-th global batch, drawn from a seeded permutation per epoch.
-
-    The data position is a pure function of (seed, step), so resuming needs only the step.
-    """
-    n, rank, world = len(items), get_rank(), world_size()
-    start = step * per_step
-    out = []
-    for pos in range(start, start + per_step):
-        epoch, i = divmod(pos, n)
-        out.append(items[epoch_permutation(n, seed, epoch)[i]])
-    share = per_step // world
-    return out[rank * share:(rank + 1) * share]
-
-
-def teacher_slots(row: dict, names: list[str], g: int, rng: random.Random) -> list[str]:
-    """G cached teacher responses for one question: slot j goes to teacher j mod len(names) (round robin, so
-    two teachers and G = 4 give two each), each teacher's responses drawn without replacement while they last."""
-    pools = {t: rng.sample(row["teachers"][t], len(row["teachers"][t])) for t in names}
-    return [pools[names[j % len(names)]][(j // len(names)) % len(pools[names[j % len(names)]])] for j in range(g)]
-
-
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
     """[n] bool: which of n responses (k per question, the G student samples first) are the student's."""
     return (torch.arange(n) % k) < g
@@ -390,23 +363,14 @@ def pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
-def images_of(rows: list[dict]):
-    from data.dataset import load_image
-    return [load_image(r.get("image")) for r in rows]
-
-
 def ensure_embedded(cfg: Config, rank: int) -> Config:
-    """Build the embedded dataset and tiny student if missing (rank 0 builds, the others wait)."""
+    """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
+    point the data paths at them."""
     if cfg.student:
         return cfg
-    if rank == 0 and not (EMBEDDED_DIR / "test.jsonl").exists():
-        from data.build import build
-        print(f"building the embedded dataset in {EMBEDDED_DIR} ...", flush=True)
-        build(EMBEDDED_DIR, seed=0)
-    init = TINY_DIR / "tiny-student"
-    if rank == 0 and not (init / "config.json").exists():
-        from data.tiny_student import build_tiny_student
-        build_tiny_student(EMBEDDED_DIR, init, seed=0)
+    if rank == 0:
+        from data.build import ensure_embedded as build_missing
+        build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
     barrier()
     return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
                                eval_data=cfg.eval_data or str(EMBEDDED_DIR / "test.jsonl"),
@@ -437,7 +401,6 @@ def token_mean_scale(local_count: float, global_count: float) -> float:
 
 def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     """Fine-tune `init` on cfg.sft_data for cfg.sft_steps and save it to `out` (save_pretrained)."""
-    from data.dataset import load_jsonl
     from rollout import encode_prompts, encode_responses, response_logprobs
     rows = [r for r in load_jsonl(cfg.sft_data) if "response" in r]
     if not rows:
@@ -447,14 +410,14 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
     bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
     for step in bar:
-        batch = rank_slice(rows, step, cfg.sft_batch_size, cfg.seed)
+        batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, get_rank(), world_size())
         ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
         total = all_sum(mask.sum())
         micro, nll = length_batches(mask, cfg.sft_micro_batch), 0.0  # each adds its share of the global token mean
         for i, (mb, w) in enumerate(micro):
             sync_gradients(model, i == len(micro) - 1)
             part = [batch[j] for j in mb.tolist()]
-            prompts = encode_prompts(tok, proc, [r["question"] for r in part], images_of(part))
+            prompts = encode_prompts(tok, proc, [r["question"] for r in part], load_images(part))
             logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
             (loss * world_size()).backward()                # FSDP averages gradients over ranks
@@ -469,33 +432,31 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
 
-def teacher_names(cfg: Config, rows: list[dict]) -> list[str]:
-    """The teachers to imitate: --teachers, or every teacher present in every row."""
-    have = set.intersection(*(set(r.get("teachers", {})) for r in rows))
-    names = [t for t in cfg.teachers.split(",") if t] if cfg.teachers else sorted(have)
-    missing = [t for t in names if t not in have]
-    if not names or missing:
-        raise SystemExit(f"{cfg.data}: teachers {missing or names} are not cached in every row (have {sorted(have)})")
-    return names
+def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
+    """--teachers, or every teacher cached in every row; a clear message when one is missing."""
+    try:
+        return teacher_names(rows, cfg.teachers)
+    except ValueError as e:
+        raise SystemExit(f"{cfg.data}: {e}") from None
 
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
     """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or take its
     cached samples, the `students` field, when every row has them), take every cached response of the chosen
     teachers on them (all labelled teacher), train D, save it to `out`."""
-    from data.dataset import load_jsonl
     from discriminator import Discriminator, pretrain
     from rollout import encode_prompts, generate
     rows = load_jsonl(cfg.data)
-    names = teacher_names(cfg, rows)
+    names = imitated_teachers(cfg, rows)
     cached = all("students" in r for r in rows)  # written by data/teacher_cache.py --field students
-    rows = rank_slice(rows, 0, min(cfg.disc_questions, len(rows)) // world_size() * world_size(), cfg.seed + 1)
+    n = min(cfg.disc_questions, len(rows)) // world_size() * world_size()
+    rows = step_rows(rows, 0, n, cfg.seed + 1, rank, world_size())
     model, tok, proc = load_student(student, device, trainable=False)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
         batch = rows[i:i + 16]
-        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], images_of(batch))
+        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch))
         out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         repetition_penalty=cfg.repetition_penalty, generator=gen)
@@ -524,7 +485,7 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list
     (prompts, ids [N, T], mask [N, T], k = responses per question, n teacher responses truncated)."""
     from rollout import encode_prompts, encode_responses, generate
     G, tok = cfg.group_size, m["tok"]
-    prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], images_of(batch))
+    prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch))
     with torch.no_grad():
         roll = generate(m["policy"], prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -669,6 +630,18 @@ def save_checkpoint(run: Path, step: int, m: dict, state: dict, gen: torch.Gener
     barrier()
 
 
+def load_checkpoint(ckpt: Path, m: dict, gen: torch.Generator) -> dict:
+    """The optimizer and RNG states of a checkpoint into m["popt"], m["dopt"] and `gen` (the weights are loaded
+    with the models); returns the saved state (step, counters)."""
+    optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
+    optim_state(m["policy"], m["popt"], optim["policy"])
+    if "disc" in m:
+        optim_state(m["disc"], m["dopt"], optim["disc"])
+    rng = torch.load(ckpt / f"rng-rank{get_rank()}.pt", weights_only=False)
+    gen.set_state(rng["generator"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
 def latest_checkpoint(run: Path) -> Path | None:
     p = run / "checkpoints" / "latest"
     return run / "checkpoints" / p.read_text().strip() if p.exists() else None
@@ -679,10 +652,9 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
     """The RL stage; returns the summary (held-out accuracy before and after)."""
-    from data.dataset import load_jsonl
     rows, eval_rows = load_jsonl(cfg.data), load_jsonl(cfg.eval_data) if cfg.eval_data else []
     ril = cfg.algo == "ril"
-    names = teacher_names(cfg, rows) if ril else []
+    names = imitated_teachers(cfg, rows) if ril else []
     if cfg.batch_size % world_size():
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world_size()} processes")
     ckpt = latest_checkpoint(run) if cfg.resume else None
@@ -707,13 +679,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     state = {"skipped": 0, "accuracy_before": None}
     if ckpt:
-        state = json.loads((ckpt / "state.json").read_text())
-        optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
-        optim_state(m["policy"], m["popt"], optim["policy"])
-        if "disc" in m:
-            optim_state(m["disc"], m["dopt"], optim["disc"])
-        rng = torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False)
-        gen.set_state(rng["generator"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+        state = load_checkpoint(ckpt, m, gen)
     elif eval_rows:
         state["accuracy_before"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
         if rank == 0:
@@ -729,7 +695,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     bar = tqdm(range(start, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        batch = rank_slice(rows, step, cfg.batch_size, cfg.seed)
+        batch = step_rows(rows, step, cfg.batch_size, cfg.seed, get_rank(), world_size())
         out = rl_step(cfg, step, batch, m, names, gen)
         state["skipped"] += out["policy/skipped"]
         sample = out.pop("_sample")

@@ -64,6 +64,18 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
     return out
 
 
+def ensure_embedded(out: str | Path, student: str | Path, seed: int = 0) -> None:
+    """What the default run needs and cannot download: the dataset in `out` and the tiny student (its tokenizer
+    trained on this dataset's text) in `student`, each built only when missing."""
+    out, student = Path(out), Path(student)
+    if not (out / "test.jsonl").exists():  # build() renames a finished folder into place
+        print(f"building the embedded dataset in {out} ...", flush=True)
+        build(out, seed=seed)
+    if not (student / "config.json").exists():
+        from data.tiny_student import build_tiny_student
+        build_tiny_student(out, student, seed=seed)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/embedded")

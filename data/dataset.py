@@ -9,10 +9,14 @@ One row per question:
      "kind": str}                                          # optional: question type, for per-type metrics
 
 A malformed row raises ValueError naming the file, the line and the problem. No row is dropped.
+Below the loader: which rows a training step takes (a pure function of the seed and the step, so resuming
+needs only the step) and which cached teacher responses fill a question's G teacher slots.
 """
 from __future__ import annotations
 
+import functools
 import json
+import random
 from pathlib import Path
 
 from PIL import Image
@@ -95,3 +99,41 @@ def load_image(path: str | None) -> Image.Image | None:
         return None
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def load_images(rows: list[dict]) -> list:
+    """The images of dataset rows (None for text-only rows)."""
+    return [load_image(r.get("image")) for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches and teacher slots
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of n items in one epoch (drawn once, not once per item)."""
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+
+
+def step_rows(items: list, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """Rank `rank`'s share (per_step // world items) of the `step`-th global batch of `per_step` items, read in
+    order from a seeded permutation per epoch: every item once per epoch, ranks disjoint within a step."""
+    n, start, share = len(items), step * per_step + rank * (per_step // world), per_step // world
+    return [items[epoch_permutation(n, seed, pos // n)[pos % n]] for pos in range(start, start + share)]
+
+
+def teacher_names(rows: list[dict], wanted: str = "") -> list[str]:
+    """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in every row."""
+    have = set.intersection(*(set(r.get("teachers", {})) for r in rows))
+    names = [t for t in wanted.split(",") if t] if wanted else sorted(have)
+    missing = [t for t in names if t not in have]
+    if not names or missing:
+        raise ValueError(f"teachers {missing or names} are not cached in every row (have {sorted(have)})")
+    return names
+
+
+def teacher_slots(row: dict, names: list[str], g: int, rng: random.Random) -> list[str]:
+    """G cached teacher responses for one question: slot j goes to teacher j mod len(names) (round robin, so
+    two teachers and G = 4 give two each), each teacher's responses drawn without replacement while they last."""
+    pools = {t: rng.sample(row["teachers"][t], len(row["teachers"][t])) for t in names}
+    return [pools[names[j % len(names)]][(j // len(names)) % len(pools[names[j % len(names)]])] for j in range(g)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.build import build
-from data.dataset import load_image, load_jsonl
+from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
 from data.scenes import QUESTION_TYPES, answer_for, ask, draw, random_scene
 from data.teachers import TEACHERS, plain_response, teacher_response
 from tests.conftest import SMALL
@@ -134,6 +134,30 @@ def test_loader_accepts_text_only_and_evaluation_rows(tmp_path):
     assert rows[1]["image"] is None and "teachers" not in rows[1]
     with pytest.raises(ValueError, match="no such dataset file"):
         load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
+    items = list(range(12))
+    for step in range(7):  # 4 items a step: no batch straddles two epochs, so the ranks' shares are disjoint
+        whole = step_rows(items, step, 4, seed=3)
+        halves = [step_rows(items, step, 4, seed=3, rank=r, world=2) for r in range(2)]
+        assert halves[0] + halves[1] == whole and not set(halves[0]) & set(halves[1])
+    epoch = [x for step in range(6) for x in step_rows(items, step, 2, seed=3)]  # 6 steps x 2 = one epoch
+    assert sorted(epoch) == items and epoch != items  # every item once, in a shuffled order
+    assert step_rows(items, 0, 12, seed=3) != step_rows(items, 0, 12, seed=4)
+    assert sorted(step_rows(items, 6, 12, seed=3)) == items  # a later epoch: every item again
+
+
+def test_teacher_slots_round_robin_without_replacement():
+    row = {"teachers": {"a": ["a1", "a2", "a3"], "b": ["b1"], "c": ["c1"]}}
+    slots = teacher_slots(row, ["a", "b"], 4, random.Random(0))
+    assert [s[0] for s in slots] == ["a", "b", "a", "b"]
+    assert slots[0] != slots[2] and slots[1] == slots[3] == "b1"  # a pool is reused only once it is used up
+    assert sorted(teacher_slots(row, ["a"], 3, random.Random(1))) == ["a1", "a2", "a3"]
+    assert teacher_names([row, {"teachers": {"a": ["x"], "b": ["y"]}}]) == ["a", "b"]  # cached in every row
+    assert teacher_names([row], "c,a") == ["c", "a"]
+    with pytest.raises(ValueError, match=r"\['d'\] are not cached"):
+        teacher_names([row], "a,d")
 
 
 def test_tiny_student_round_trip_and_forward(tiny_student, embedded):
