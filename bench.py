@@ -1,4 +1,5 @@
-"""Benchmark: rollout.generate against transformers' model.generate, same settings, one process.
+"""Benchmarks, one process: rollout.generate against transformers' model.generate, same settings; and
+rollout.response_logprobs with the prompt run once per question against one prompt copy per response.
 
     python bench.py                                  # tiny student (built on the fly if no --student)
     python bench.py --student checkpoints/sft --data data/embedded
@@ -7,6 +8,10 @@ RL-shaped workload: 16 prompts with images x 8 samples, temperature 1.0, top-p 0
 penalty 1.05, up to 128 new tokens; once with EOS (rows end at varied lengths) and once with EOS disabled
 (every row runs the full 128 tokens). Prints generated tokens per second for both, the ratio, and where
 rollout.generate spends its time (model forward incl. prefill and vision, sampling, cache handling).
+
+Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached teacher
+responses, teacher-forced; the prompts (images included) once with their KV cache shared by each question's
+responses (rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
 Each is timed --repeats times, alternating, and the fastest run of each counts (other processes only ever add
 time). Absolute numbers mean little on a shared CPU; the ratios are the point.
 """
@@ -59,6 +64,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating; the fastest counts")
+    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data = Path(a.data)
@@ -78,6 +84,11 @@ def main():
     eos = rollout.eos_list(model, None)
     print(f"device {a.device} ({torch.get_num_threads()} threads), student {a.student}")
     print(f"workload: {len(rows)} prompts x {a.samples} samples, {knobs}, max_new_tokens {a.max_new_tokens}")
+
+    if a.what in ("all", "logprobs"):
+        bench_logprobs(a, model, tok, prompts, rows, sync)
+    if a.what == "logprobs":
+        return
 
     def ours(eos_ids):
         out = rollout.generate(model, prompts, max_new_tokens=a.max_new_tokens, num_samples=a.samples,
@@ -129,6 +140,37 @@ def main():
         shares = {k: sum(spent[n] for n in names) / sum(t for _, t in us) for k, names in SHARES.items()}
         shares["other (loop, bookkeeping)"] = 1 - sum(shares.values())
         print(f"[{mode}] rollout time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+
+
+def bench_logprobs(a, model, tok, prompts, rows, sync):
+    """Forward + backward of response_logprobs over a.samples cached teacher responses per prompt: the prompt once
+    per question (shared KV cache) against one prompt copy per response; and the forward alone (pi_old, pi_ref)."""
+    texts = [t for r in rows for ts in [sum(r["teachers"].values(), [])] for t in (ts * a.samples)[:a.samples]]
+    ids, mask, _ = rollout.encode_responses(tok, texts, a.max_new_tokens, tok.eos_token_id)
+    ids, mask = ids.to(a.device), mask.to(a.device)                               # [N, T]
+    per_row = rollout.select_prompts(prompts, torch.arange(len(texts), device=a.device) // a.samples)
+    print(f"log-probs workload: {len(rows)} prompts ({prompts['input_ids'].shape[1]} tokens) x {a.samples} "
+          f"responses ({mask.sum(1).float().mean():.0f} tokens on average, {ids.shape[1]} padded)")
+
+    def run(p, grad):
+        sync()
+        t = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            logp = rollout.response_logprobs(model, p, ids, mask)
+            if grad:
+                logp.sum().backward()
+        sync()
+        return time.perf_counter() - t
+
+    for grad in (True, False):
+        run(prompts, grad), run(per_row, grad)                                    # warm-up
+        shared, copied = [], []
+        for _ in range(a.repeats):
+            shared.append(run(prompts, grad)), copied.append(run(per_row, grad))
+        what = "forward + backward" if grad else "forward (no grad)"
+        print(f"[log-probs, {what}] one row per response {min(copied):.3f} s, shared prompt {min(shared):.3f} s: "
+              f"speed-up {min(copied) / min(shared):.2f}x")
+    model.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":

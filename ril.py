@@ -277,11 +277,13 @@ def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = Fa
     return model
 
 
-def length_batches(mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, slice]]:
-    """Micro-batches of `size` sequences of similar lengths, each cut to its longest response (less padding, the
-    same sums): (row indices, column slice) pairs over the response mask [N, T]."""
-    order = mask.sum(1).argsort(stable=True)
-    return [(rows, slice(0, max(1, int(mask[rows].sum(1).max())))) for rows in order.split(size)]
+def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[torch.Tensor, slice]]:
+    """Micro-batches of about `size` sequences, each cut to its longest response (less padding, the same sums):
+    (row indices, column slice) pairs over the response mask [N, T]. Rows come in whole groups of `group`
+    consecutive rows (one prompt's responses, whose prompt then runs once), groups of similar lengths together."""
+    longest = mask.sum(1).view(-1, group).amax(1)                            # [N / group]
+    return [((g[:, None] * group + torch.arange(group)).flatten(), slice(0, max(1, int(longest[g].max()))))
+            for g in longest.argsort(stable=True).split(max(1, size // group))]
 
 
 def sync_gradients(model: torch.nn.Module, last: bool) -> None:
@@ -525,13 +527,14 @@ def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: dict, o
 
 def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -> dict:
     """Algorithm 2, step 5: mu steps of Eq. 2 over all responses (teacher ones included), in micro-batches of
-    similar lengths. Token means divide by the global token count, so the update does not depend on the split."""
+    whole questions (a prompt runs once for its k responses) of similar lengths. Token means divide by the global
+    token count, so the update does not depend on the split."""
     from rollout import response_logprobs, select_prompts
     policy, temp = m["policy"], cfg.temperature or 1.0  # greedy runs score log-probs at T = 1
     count = lambda msk: msk.sum().item() if cfg.loss_agg == "token-mean" else float(msk.shape[0])
     total = all_sum(count(mask))
-    micro = length_batches(mask, cfg.micro_batch)                                       # (rows, columns)
-    micro_prompts = [select_prompts(prompts, s // k) for s, _ in micro]                # response n <- prompt n // k
+    micro = length_batches(mask, cfg.micro_batch, group=k)                              # (rows, columns)
+    micro_prompts = [select_prompts(prompts, s[::k] // k) for s, _ in micro]           # one row per question
     with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: reuse the live log-probs, detached) and pi_ref
         old = [response_logprobs(policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1 else None
                for (s, w), p in zip(micro, micro_prompts)]

@@ -13,7 +13,8 @@
   instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
-position ids. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
+position ids; given one prompt row per question, it too runs each prompt once and shares its KV cache (through
+the HF Cache, differentiably) with the question's responses. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
 top-k, top-p), in float32; with top-k, only the k candidates are sorted and drawn from (the same distribution).
 Supported: Qwen2-VL, Qwen2.5-VL and InternVL3 (transformers format, `-hf`); the families differ only in FAMILIES
 below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (InternVL3's language model is Qwen2; text-only Qwen2 too).
@@ -426,21 +427,33 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
 
 def response_logprobs(model, prompts: dict, response_ids, response_mask, temperature: float = 1.0,
                       return_entropy: bool = False):
-    """log pi(token) [N, T] of each response token under softmax(logits / temperature), from one teacher-forced
-    forward of the model with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows
-    or N/k (prompt-major: response n belongs to prompt n // k). With return_entropy, also the exact entropy of
-    each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
+    """log pi(token) [N, T] of each response token under softmax(logits / temperature), teacher-forced through the
+    model's own forward with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows,
+    or N/k (prompt-major: response n belongs to prompt n // k): then, as in `generate`, the prompt (its image
+    included) runs once and its KV cache is shared by its k responses. With return_entropy, also the exact entropy
+    of each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
     N, T = response_ids.shape
     B = prompts["input_ids"].shape[0]
-    if B != N:
-        prompts = select_prompts(prompts, torch.arange(N, device=response_ids.device) // (N // B))
-    resp_pos = prompts["next_position"][:, None] + torch.arange(T, device=response_ids.device)  # [N, T]
+    assert N % B == 0, f"{N} responses for {B} prompts: need N or N/k prompt rows"
+    k = N // B
+    if k > 1 and getattr(model, "is_activation_checkpointing", False):  # HF turns the cache off: one row per response
+        prompts, k = select_prompts(prompts, torch.arange(N, device=response_ids.device) // k), 1
+    resp_pos = prompts["next_position"].repeat_interleave(k)[:, None] + torch.arange(T, device=response_ids.device)
     pos = prompts["position_ids"]
-    pos = torch.cat([pos, resp_pos.expand(*pos.shape[:-2], N, T)], -1)        # [(3,) N, P+T]
-    logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1),
-                   attention_mask=torch.cat([prompts["attention_mask"], response_mask.long()], 1),
-                   position_ids=pos, use_cache=False, logits_to_keep=T + 1, **vision_inputs(prompts)).logits
-    logp = (logits[:, :-1].float() / temperature).log_softmax(-1)             # [N, T, V]
+    resp_pos = resp_pos.expand(*pos.shape[:-2], N, T)                         # [(3,) N, T]
+    mask = torch.cat([prompts["attention_mask"].repeat_interleave(k, 0), response_mask.long()], 1)  # [N, P+T]
+    if k == 1:  # one forward over prompt + response
+        logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1), attention_mask=mask,
+                       position_ids=torch.cat([pos, resp_pos], -1), use_cache=False, logits_to_keep=T + 1,
+                       **vision_inputs(prompts)).logits[:, :-1]                # [N, T, V]
+    else:       # the prompts once, their cache repeated k times, then the responses on top of it
+        head = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=pos,
+                     use_cache=True, logits_to_keep=1, **vision_inputs(prompts))
+        head.past_key_values.batch_repeat_interleave(k)                      # [B, ...] -> [N, ...], differentiable
+        rest = model(input_ids=response_ids, attention_mask=mask, position_ids=resp_pos,
+                     past_key_values=head.past_key_values, use_cache=True, logits_to_keep=T).logits   # [N, T, V]
+        logits = torch.cat([head.logits.repeat_interleave(k, 0), rest[:, :-1]], 1)                   # [N, T, V]
+    logp = (logits.float() / temperature).log_softmax(-1)                     # [N, T, V]
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
     if not return_entropy:
         return token_logp

@@ -77,7 +77,8 @@ def test_response_logprobs_match_unpadded_forward(which, request, batch):
     mask[1, 6:] = False                                          # a shorter response, right-padded
     ids = out.response_ids.masked_fill(~mask, 0)
     logp, ent = R.response_logprobs(model, p, ids, mask, temperature=0.7, return_entropy=True)  # N/k prompt rows
-    assert torch.equal(logp, R.response_logprobs(model, R.select_prompts(p, torch.arange(8) // 2), ids, mask, 0.7))
+    expanded = R.select_prompts(p, torch.arange(8) // 2)        # N prompt rows: no shared prefix
+    torch.testing.assert_close(logp, R.response_logprobs(model, expanded, ids, mask, 0.7), atol=1e-5, rtol=0)
     for n in range(8):
         b, L = n // 2, int(mask[n].sum())
         keep = p["attention_mask"][b].bool()
@@ -89,9 +90,17 @@ def test_response_logprobs_match_unpadded_forward(which, request, batch):
         torch.testing.assert_close(logp[n, :L], ref.gather(-1, ids[n, :L, None])[:, 0], atol=1e-4, rtol=0)
         torch.testing.assert_close(ent[n, :L], -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=0)
         assert (logp[n, L:] == 0).all() and (ent[n, L:] == 0).all()
-    model.zero_grad()
-    R.response_logprobs(model, p, ids, mask).sum().backward()   # differentiable
-    assert model.lm_head.weight.grad.abs().sum() > 0
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for prompts in (p, expanded):                                # the gradient flows through the shared prefix too
+        model.zero_grad()
+        (R.response_logprobs(model, prompts, ids, mask) * weights).sum().backward()
+        grads.append({n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and model.lm_head.weight.grad.abs().sum() > 0
+    assert any("visual" in n for n in grads[0])                  # ... down into the vision tower
+    for n in grads[0]:
+        scale = grads[1][n].abs().max().item()                  # float32 sums in another order: relative
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5 * scale, rtol=0, msg=n)
 
 
 def test_sampling_knobs_match_transformers_processors():
