@@ -145,7 +145,10 @@ def main():
 def bench_logprobs(a, model, tok, prompts, rows, sync):
     """Forward + backward of response_logprobs over a.samples cached teacher responses per prompt: the prompt once
     per question (shared KV cache) against one prompt copy per response; and the forward alone (pi_old, pi_ref)."""
-    texts = [t for r in rows for ts in [sum(r["teachers"].values(), [])] for t in (ts * a.samples)[:a.samples]]
+    texts = []
+    for r in rows:                                                                # a.samples per prompt, cycling
+        pool = [t for responses in r["teachers"].values() for t in responses]
+        texts += [pool[j % len(pool)] for j in range(a.samples)]
     ids, mask, _ = rollout.encode_responses(tok, texts, a.max_new_tokens, tok.eos_token_id)
     ids, mask = ids.to(a.device), mask.to(a.device)                               # [N, T]
     per_row = rollout.select_prompts(prompts, torch.arange(len(texts), device=a.device) // a.samples)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import rewards
 import rollout
-from data.dataset import load_image, load_jsonl
+from data.dataset import load_images, load_jsonl
 
 # MAYE's reflection words, plus spelling variants and "double-check" (the embedded reflective teacher's
 # phrase). Matched case-insensitively as whole words: a letter, digit, "_" or "-" may not touch either
@@ -93,7 +93,7 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
     for i in tqdm(range(0, len(rows), batch_size), desc=f"eval T={temperature} x{num_samples}", disable=not progress):
         batch = rows[i:i + batch_size]
         prompts = rollout.encode_prompts(tokenizer, image_processor, [r["question"] for r in batch],
-                                         [load_image(r.get("image")) for r in batch])
+                                         load_images(batch))
         prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
         out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,

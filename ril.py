@@ -371,7 +371,7 @@ def ensure_embedded(cfg: Config, rank: int) -> Config:
     if cfg.student:
         return cfg
     if rank == 0:
-        from data.build import ensure_embedded as build_missing
+        from data.build import build_missing
         build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
     barrier()
     return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),

@@ -14,8 +14,9 @@
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
 position ids; given one prompt row per question, it too runs each prompt once and shares its KV cache (through
-the HF Cache, differentiably) with the question's responses. Sampling follows transformers' logits processors exactly (repetition penalty, then temperature,
-top-k, top-p), in float32; with top-k, only the k candidates are sorted and drawn from (the same distribution).
+the HF Cache, differentiably) with the question's responses. Sampling follows transformers' logits processors
+exactly (repetition penalty, then temperature, top-k, top-p), in float32; with top-k, only the k candidates are
+sorted and drawn from (the same distribution).
 Supported: Qwen2-VL, Qwen2.5-VL and InternVL3 (transformers format, `-hf`); the families differ only in FAMILIES
 below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (InternVL3's language model is Qwen2; text-only Qwen2 too).
 """

@@ -64,7 +64,7 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
     return out
 
 
-def ensure_embedded(out: str | Path, student: str | Path, seed: int = 0) -> None:
+def build_missing(out: str | Path, student: str | Path, seed: int = 0) -> None:
     """What the default run needs and cannot download: the dataset in `out` and the tiny student (its tokenizer
     trained on this dataset's text) in `student`, each built only when missing."""
     out, student = Path(out), Path(student)
