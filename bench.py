@@ -1,5 +1,6 @@
-"""Benchmarks, one process: rollout.generate against transformers' model.generate, same settings; and
-rollout.response_logprobs with the prompt run once per question against one prompt copy per response.
+"""Benchmarks, one process: rollout.generate against transformers' model.generate, same settings;
+rollout.response_logprobs with the prompt run once per question against one prompt copy per response; and the
+discriminator with its fixed prompt start run once per batch against written into every row.
 
     python bench.py                                  # tiny student (built on the fly if no --student)
     python bench.py --student checkpoints/sft --data data/embedded
@@ -12,6 +13,9 @@ rollout.generate spends its time (model forward incl. prefill and vision, sampli
 Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached teacher
 responses, teacher-forced; the prompts (images included) once with their KV cache shared by each question's
 responses (rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
+Discriminator (`--what disc`): D's forward and forward + backward over the same questions' 2G responses (the
+cached teacher responses and as many plain ones), its fixed prompt start run once per batch with its KV cache
+shared against written into every row (discriminator.encode_for_discriminator's shared_prefix).
 Each is timed --repeats times, alternating, and the fastest run of each counts (other processes only ever add
 time). Absolute numbers mean little on a shared CPU; the ratios are the point.
 """
@@ -64,13 +68,14 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating; the fastest counts")
-    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs"))
+    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data = Path(a.data)
     if not (data / "train.jsonl").exists():
         from data.build import build
-        data = build(Path(tempfile.mkdtemp()) / "embedded", seed=0, sizes={"sft": 50, "train": 64, "val": 10, "test": 10})
+        data = build(Path(tempfile.mkdtemp()) / "embedded", seed=0,
+                     sizes={"sft": 50, "train": 64, "val": 10, "test": 10})
     if a.student is None:
         from data.tiny_student import build_tiny_student
         a.student = build_tiny_student(data, Path(tempfile.mkdtemp()) / "tiny-student", seed=0)
@@ -87,7 +92,9 @@ def main():
 
     if a.what in ("all", "logprobs"):
         bench_logprobs(a, model, tok, prompts, rows, sync)
-    if a.what == "logprobs":
+    if a.what in ("all", "disc"):
+        bench_disc(a, tok, rows, sync)
+    if a.what in ("logprobs", "disc"):
         return
 
     def ours(eos_ids):
@@ -174,6 +181,45 @@ def bench_logprobs(a, model, tok, prompts, rows, sync):
         print(f"[log-probs, {what}] one row per response {min(copied):.3f} s, shared prompt {min(shared):.3f} s: "
               f"speed-up {min(copied) / min(shared):.2f}x")
     model.zero_grad(set_to_none=True)
+
+
+def bench_disc(a, tok, rows, sync):
+    """D on a.samples responses per question (half cached teacher text, half the plain SFT style), in micro-batches
+    of 32 as in the RL step: the prompt's fixed start run once per micro-batch against written into every row."""
+    from discriminator import Discriminator, encode_for_discriminator
+    disc = Discriminator.from_student(a.student).to(a.device)
+    texts = []
+    for r in rows:
+        pool = [t for responses in r["teachers"].values() for t in responses]
+        texts += [pool[j % len(pool)] for j in range(a.samples // 2)]
+        texts += [f"The answer is \\boxed{{{r['answer']}}}." for _ in range(a.samples - a.samples // 2)]
+    texts.sort(key=len)                                                           # as update() orders them
+    batches = {shared: [{k: v.to(a.device) for k, v in encode_for_discriminator(tok, texts[i:i + 32], 192,
+                                                                                  shared_prefix=shared)[0].items()}
+                        for i in range(0, len(texts), 32)] for shared in (False, True)}
+    n_tokens = sum(int(e["attention_mask"].sum()) for e in batches[False])
+    print(f"discriminator workload: {len(texts)} responses, {n_tokens} tokens with the prompt in every row")
+
+    def run(shared, grad):
+        sync()
+        t = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            for enc in batches[shared]:
+                if grad:
+                    disc(**enc).sum().backward()
+                else:
+                    disc(**enc)
+        sync()
+        return time.perf_counter() - t
+
+    for grad in (True, False):
+        run(True, grad), run(False, grad)                                         # warm-up
+        shared, copied = [], []
+        for _ in range(a.repeats):
+            shared.append(run(True, grad)), copied.append(run(False, grad))
+        what = "forward + backward (update)" if grad else "forward (p_student)"
+        print(f"[discriminator, {what}] prompt in every row {min(copied):.3f} s, shared prompt start "
+              f"{min(shared):.3f} s: speed-up {min(copied) / min(shared):.2f}x")
 
 
 if __name__ == "__main__":

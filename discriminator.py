@@ -5,7 +5,8 @@
   policy it judges (the paper's answer to the GAN balance problem), with the LM head replaced by a
   linear head d -> 1 read at the last non-pad token of the final layer. D(o) = sigmoid(logit).
 - its prompt: a system message that states the task, then the response inside <response></response>;
-  no question, no image (as in the paper).
+  no question, no image (as in the paper). The prompt's fixed start can run once per batch and share its
+  keys/values with every response (the same logits; it is about half the tokens D reads on the embedded task).
 - `discriminator_loss`: Eq. 1 as binary cross-entropy, label 1 = student, 0 = teacher.
 - `pretrain` over cached (student, teacher) responses, and `update`, the mu = 1 per-batch step inside the
   RL loop (Algorithm 2, step 3). Both work on a plain module or one sharded with FSDP2 under torchrun.
@@ -42,14 +43,33 @@ class Discriminator(nn.Module):
         nn.init.zeros_(self.head.weight)  # D starts undecided: p(student) = 0.5 for every response
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B] (pre-sigmoid; sigmoid = p(student)) for left- or right-padded input_ids [B, L]."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B] (pre-sigmoid; sigmoid = p(student)) for left- or right-padded input_ids [B, L].
+
+        prefix_ids [P]: tokens that come before every row (the prompt's fixed start: see
+        `encode_for_discriminator(..., shared_prefix=True)`). They run once and their keys/values are shared
+        by the B rows, differentiably: the same logits as with the prefix written into each row, less compute
+        (where `can_share_cache`; else the prefix is written into each row here).
+        """
         mask = attention_mask.long()  # [B, L]
+        B, L = mask.shape
+        last = L - 1 - mask.flip(1).argmax(1)  # [B] index of the last real token
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..n-1 under left padding
-        h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # [B, L, d]
-        last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # [B] index of the last real token
-        h_last = h[torch.arange(h.size(0), device=h.device), last]  # [B, d]
+        cache, P = None, 0 if prefix_ids is None else prefix_ids.numel()
+        if P and not can_share_cache(self.backbone):  # the prefix written into each row
+            input_ids = torch.cat([prefix_ids.to(input_ids).expand(B, P), input_ids], 1)  # [B, P + L]
+            last, position_ids = last + P, torch.cat([torch.arange(P).to(mask).expand(B, P), position_ids + P], 1)
+        elif P:  # the prefix once, its cache repeated B times, the rows on top of it
+            cache = self.backbone(input_ids=prefix_ids.to(input_ids).view(1, P),
+                                  position_ids=torch.arange(P).to(mask)[None], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(B)  # [1, ...] -> [B, ...]
+            position_ids = position_ids + P
+        if P:
+            mask = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P + L]
+        h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                          use_cache=cache is not None).last_hidden_state  # [B, L (or P + L), d]
+        h_last = h[torch.arange(B, device=h.device), last]  # [B, d]
         return self.head(h_last).squeeze(-1).float().clone()  # [B]; a new tensor: FSDP2 warns on returned views
 
     @classmethod
@@ -79,6 +99,16 @@ class Discriminator(nn.Module):
             tokenizer.save_pretrained(path)
 
 
+def can_share_cache(backbone: nn.Module) -> bool:
+    """Whether the prefix's KV cache may feed the rows' forward (the rule of rollout.can_share_cache): not under
+    activation checkpointing (HF turns the cache off), nor when gradients flow under FSDP2 (each layer runs twice
+    before backward; FSDP2 releases a layer's gathered weights and reduces its gradients after the second call's
+    backward, before the prefix's call, which it reaches only through the cache)."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp = any(isinstance(m, FSDPModule) for m in backbone.modules())
+    return not getattr(backbone, "is_activation_checkpointing", False) and not (fsdp and torch.is_grad_enabled())
+
+
 def _text_backbone(model: nn.Module) -> nn.Module:
     """The text model inside whatever AutoModel loaded: VLM -> .language_model, causal LM -> base model."""
     model = getattr(model, "language_model", model)
@@ -103,9 +133,12 @@ def prompt_parts(tokenizer) -> tuple[list[int], list[int]]:
             tokenizer(after, add_special_tokens=False)["input_ids"])
 
 
-def encode_for_discriminator(tokenizer, responses: list[str], max_len: int) -> tuple[dict, int]:
+def encode_for_discriminator(tokenizer, responses: list[str], max_len: int,
+                             shared_prefix: bool = False) -> tuple[dict, int]:
     """Left-padded {"input_ids", "attention_mask"} [N, L <= max_len] and the number of responses cut.
-    A response too long for max_len keeps its end (where the answer is): truncated from the left, logged."""
+    A response too long for max_len keeps its end (where the answer is): truncated from the left, logged.
+    shared_prefix: the prompt's fixed start (system message, "<response>") is left out of the rows and given
+    once as "prefix_ids" [P], for `Discriminator.forward` to run once for the whole batch (the same logits)."""
     before, after = prompt_parts(tokenizer)
     budget = max_len - len(before) - len(after)
     if budget < 1:
@@ -117,7 +150,8 @@ def encode_for_discriminator(tokenizer, responses: list[str], max_len: int) -> t
     if n_cut:
         log.warning("discriminator: %d/%d responses longer than %d tokens, truncated from the left",
                     n_cut, len(body), budget)
-    seqs = [before + (b[-budget:] if len(b) > budget else b) + after for b in body]
+    head = [] if shared_prefix else before
+    seqs = [head + (b[-budget:] if len(b) > budget else b) + after for b in body]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)  # [N, L]
@@ -125,7 +159,8 @@ def encode_for_discriminator(tokenizer, responses: list[str], max_len: int) -> t
     for i, s in enumerate(seqs):
         input_ids[i, L - len(s):] = torch.tensor(s)
         attention_mask[i, L - len(s):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}, n_cut
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return (dict(out, prefix_ids=torch.tensor(before, dtype=torch.long)) if shared_prefix else out), n_cut
 
 
 def _device(disc: nn.Module) -> torch.device:
@@ -138,8 +173,8 @@ def p_student(disc: Discriminator, tokenizer, responses: list[str], max_len: int
     """D(o) = p(student) for each response, FloatTensor [N] on CPU, in batches, without gradients."""
     out = []
     for i in range(0, len(responses), batch_size):
-        enc, _ = encode_for_discriminator(tokenizer, responses[i:i + batch_size], max_len)
-        logits = disc(enc["input_ids"].to(_device(disc)), enc["attention_mask"].to(_device(disc)))  # [b]
+        enc, _ = encode_for_discriminator(tokenizer, responses[i:i + batch_size], max_len, shared_prefix=True)
+        logits = disc(**{k: v.to(_device(disc)) for k, v in enc.items()})  # [b]
         out.append(torch.sigmoid(logits).cpu())
     return torch.cat(out) if out else torch.zeros(0)  # [N]
 
@@ -187,9 +222,9 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
     logits, n_cut = torch.zeros(len(texts)), 0
     for i in range(0, len(texts), mb):
         idx = order[i:i + mb]
-        enc, cut = encode_for_discriminator(tokenizer, [texts[j] for j in idx], max_len)
+        enc, cut = encode_for_discriminator(tokenizer, [texts[j] for j in idx], max_len, shared_prefix=True)
         n_cut += cut
-        lg = disc(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))  # [mb]
+        lg = disc(**{k: v.to(dev) for k, v in enc.items()})  # [mb]
         per = F.binary_cross_entropy_with_logits(lg, labels[idx].to(dev), reduction="none")  # [mb]
         (per * weights[idx].to(dev)).sum().backward()  # sums over micro-batches to Eq. 1
         logits[idx] = lg.detach().float().cpu()

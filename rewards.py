@@ -183,10 +183,11 @@ def judge_rewards(model, tokenizer, questions: list[str], answers: list[str], re
     prompts = [judge_prompt(q, a, r) for q, a, r in zip(questions, answers, responses)]
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    verdicts = []
+    verdicts, device = [], next(model.parameters(), torch.zeros(0)).device  # (CPU for a model without weights)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         enc = encode_prompts(tokenizer, None, chunk, [None] * len(chunk), system=JUDGE_SYSTEM)
+        enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}  # to the judge's device
         out = generate(model, enc, max_new_tokens=max_new_tokens, temperature=0.0,
                        eos_token_id=eos, pad_token_id=pad)
         for ids, mask in zip(out.response_ids, out.response_mask):  # [T], [T]

@@ -123,8 +123,9 @@ def parse_config(argv=None) -> Config:
     notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # each field's comment
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=notes.get(f.name))
+        if f.type == "bool":  # --flag / --no-flag (an EMBEDDED default can be turned off)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=notes.get(f.name))
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=argparse.SUPPRESS,
                            help=f"{notes.get(f.name, '')} (default {f.default!r})")
@@ -193,7 +194,8 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
     """Eq. 2, negated for minimisation, per token:
 
         -min(r A, clip(r, 1-eps, 1+eps) A) + beta * k3,   r = pi_theta / pi_old,
-        k3 = exp(ref - logp) - (ref - logp) - 1   (an unbiased, non-negative estimate of KL(pi_theta || pi_ref))
+        k3 = exp(ref - logp) - (ref - logp) - 1   (non-negative; on tokens sampled from pi_theta an unbiased
+                                                    estimate of KL(pi_theta || pi_ref); the teacher tokens are not)
 
     logprobs, old_logprobs, ref_logprobs: [N, T] (ref may be None when beta == 0); advantages: [N];
     mask: [N, T] bool. Returns (loss, stats) with stats detached floats.
@@ -243,8 +245,9 @@ def get_rank() -> int:
 
 
 def all_sum(x: float | torch.Tensor) -> float:
-    """Sum of a number over ranks."""
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    """Sum of a number over ranks (on the GPU under nccl, which reduces no CPU tensor)."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if nccl else None).clone()
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.item()
@@ -282,7 +285,8 @@ def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[
     (row indices, column slice) pairs over the response mask [N, T]. Rows come in whole groups of `group`
     consecutive rows (one prompt's responses, whose prompt then runs once), groups of similar lengths together."""
     longest = mask.sum(1).view(-1, group).amax(1)                            # [N / group]
-    return [((g[:, None] * group + torch.arange(group)).flatten(), slice(0, max(1, int(longest[g].max()))))
+    return [((g[:, None] * group + torch.arange(group, device=mask.device)).flatten(),
+             slice(0, max(1, int(longest[g].max()))))
             for g in longest.argsort(stable=True).split(max(1, size // group))]
 
 
@@ -360,6 +364,11 @@ def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 
+def to_device(tensors: dict, device) -> dict:
+    """A dict's tensors on `device` (prompts are built on the CPU), other values as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+
+
 def pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad a [N, T] tensor with zeros to [N, width]."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
@@ -404,9 +413,14 @@ def token_mean_scale(local_count: float, global_count: float) -> float:
 def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     """Fine-tune `init` on cfg.sft_data for cfg.sft_steps and save it to `out` (save_pretrained)."""
     from rollout import encode_prompts, encode_responses, response_logprobs
-    rows = [r for r in load_jsonl(cfg.sft_data) if "response" in r]
+    all_rows = load_jsonl(cfg.sft_data)
+    rows = [r for r in all_rows if "response" in r]
     if not rows:
         raise SystemExit(f"{cfg.sft_data}: no row has a `response` field to fine-tune on")
+    if cfg.sft_batch_size % world_size():
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of the {world_size()} processes")
+    if rank == 0 and len(rows) < len(all_rows):
+        print(f"sft: {len(all_rows) - len(rows)} of {len(all_rows)} rows have no `response`: skipped", flush=True)
     model, tok, proc = load_student(init, device, checkpointing=cfg.grad_checkpointing, keep_gathered=cfg.keep_gathered)
     opt = student_optimizer(model, cfg.sft_lr, cfg.vision_lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
@@ -414,12 +428,13 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     for step in bar:
         batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, get_rank(), world_size())
         ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
+        ids, mask = ids.to(device), mask.to(device)                                       # [b, T]
         total = all_sum(mask.sum())
         micro, nll = length_batches(mask, cfg.sft_micro_batch), 0.0  # each adds its share of the global token mean
         for i, (mb, w) in enumerate(micro):
             sync_gradients(model, i == len(micro) - 1)
             part = [batch[j] for j in mb.tolist()]
-            prompts = encode_prompts(tok, proc, [r["question"] for r in part], load_images(part))
+            prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in part], load_images(part)), device)
             logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
             (loss * world_size()).backward()                # FSDP averages gradients over ranks
@@ -447,23 +462,24 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     cached samples, the `students` field, when every row has them), take every cached response of the chosen
     teachers on them (all labelled teacher), train D, save it to `out`."""
     from discriminator import Discriminator, pretrain
-    from rollout import encode_prompts, generate
+    from rollout import encode_prompts, encode_responses, generate
     rows = load_jsonl(cfg.data)
     names = imitated_teachers(cfg, rows)
     cached = all("students" in r for r in rows)  # written by data/teacher_cache.py --field students
     n = min(cfg.disc_questions, len(rows)) // world_size() * world_size()
     rows = step_rows(rows, 0, n, cfg.seed + 1, rank, world_size())
     model, tok, proc = load_student(student, device, trainable=False)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
         batch = rows[i:i + 16]
-        prompts = encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch))
+        prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch)), device)
         out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         repetition_penalty=cfg.repetition_penalty, generator=gen)
         student_texts += decode(tok, out_.response_ids, out_.response_mask)
-    teacher_texts = [t for r in rows for n in names for t in r["teachers"][n]]
+    teacher_texts = [t for r in rows for n in names for t in r["teachers"][n]]  # as RL gives them to D: cut, decoded
+    teacher_texts = decode(tok, *encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)[:2])
     del model
     disc = shard(Discriminator.from_student(student).to(device), device, cfg.keep_gathered)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
@@ -487,7 +503,7 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list
     (prompts, ids [N, T], mask [N, T], k = responses per question, n teacher responses truncated)."""
     from rollout import encode_prompts, encode_responses, generate
     G, tok = cfg.group_size, m["tok"]
-    prompts = encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch))
+    prompts = to_device(encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch)), m["device"])
     with torch.no_grad():
         roll = generate(m["policy"], prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -497,6 +513,7 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list
         return prompts, ids, mask, G, 0
     texts = [s for r in batch for s in teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))]
     t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+    t_ids, t_mask = t_ids.to(ids.device), t_mask.to(ids.device)                # [b*G, T']
     width = max(ids.shape[1], t_ids.shape[1])
     per_q = lambda x: pad_cols(x, width).view(len(batch), G, width)         # [b, G, T]
     ids = torch.cat([per_q(ids), per_q(t_ids)], 1).view(-1, width)           # [b*2G, T]
@@ -540,7 +557,7 @@ def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -
                for (s, w), p in zip(micro, micro_prompts)]
         ref = [response_logprobs(m["ref"], p, ids[s, w], mask[s, w], temp) if cfg.beta else None
                for (s, w), p in zip(micro, micro_prompts)]
-    is_student = student_rows(ids.shape[0], k, cfg.group_size)[:, None] & mask   # [N, T]
+    is_student = student_rows(ids.shape[0], k, cfg.group_size).to(mask.device)[:, None] & mask   # [N, T]
     stats, skipped, ent = [], 0, [0.0, 0.0]
     for _ in range(cfg.mu):
         loss_sum = 0.0
@@ -569,7 +586,7 @@ def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -
 
 def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator) -> dict:
     """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics.
-    m holds policy, ref, tok, proc, popt; for RIL disc, dopt; judge, judge_tok for the judge reward."""
+    m holds device, policy, ref, tok, proc, popt; for RIL disc, dopt; judge, judge_tok for the judge reward."""
     t0 = time.time()
     prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
     texts = decode(m["tok"], ids, mask)
@@ -584,11 +601,11 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str]
                                                           cfg.max_disc_len, micro_batch_size=cfg.micro_batch).items()})
     t2 = time.time()
     R, parts = rewards(cfg, batch, texts, k, m, out)                                       # step 4
-    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo")                 # [N]
+    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo").to(mask.device)  # [N]
     t3 = time.time()
     out.update(policy_update(cfg, m, prompts, ids, mask, adv, k))                          # step 5
     t4 = time.time()
-    lengths = mask[is_student].sum(1).float()
+    lengths = mask[is_student.to(mask.device)].sum(1).float()
     part = lambda key, rows: parts[key][rows].mean().item() if parts[key] is not None else None
     out.update({
         "reward/total": R[is_student].mean().item(), "reward/answer": part("r_ans", is_student),
@@ -663,7 +680,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     ckpt = latest_checkpoint(run) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
-    m = {}
+    m = {"device": device}
     m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device,
                                                     checkpointing=cfg.grad_checkpointing,
                                                     keep_gathered=cfg.keep_gathered)
@@ -679,7 +696,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         m["judge_tok"] = AutoTokenizer.from_pretrained(cfg.judge)
         m["judge"] = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=torch.bfloat16 if device.type == "cuda"
                                                           else torch.float32).to(device).eval()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     state = {"skipped": 0, "accuracy_before": None}
     if ckpt:
         state = load_checkpoint(ckpt, m, gen)

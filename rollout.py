@@ -14,9 +14,10 @@
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
 position ids; given one prompt row per question, it too runs each prompt once and shares its KV cache (through
-the HF Cache, differentiably) with the question's responses. Sampling follows transformers' logits processors
-exactly (repetition penalty, then temperature, top-k, top-p), in float32; with top-k, only the k candidates are
-sorted and drawn from (the same distribution).
+the HF Cache, differentiably) with the question's responses, where that is safe (`can_share_cache`). Sampling
+follows transformers' logits processors (repetition penalty, then temperature, top-k, top-p), in float32, except
+that left-padding does not count as a prompt token for the repetition penalty; with top-k, only the k
+candidates are sorted and drawn from (the same distribution).
 Supported: Qwen2-VL, Qwen2.5-VL and InternVL3 (transformers format, `-hf`); the families differ only in FAMILIES
 below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (InternVL3's language model is Qwen2; text-only Qwen2 too).
 """
@@ -426,18 +427,29 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
 # Teacher-forced log-probs
 
 
+def can_share_cache(model) -> bool:
+    """Whether a prompt's KV cache, computed in one forward, may feed the forward of its responses. Not under
+    activation checkpointing (HF turns the cache off), nor when gradients flow under FSDP2: each layer then runs
+    twice before backward, and FSDP2 frees or reduces a layer's gathered weights and gradients once the second
+    call's backward is through it, before the prompt's call, reached only through the cache, is."""
+    from torch.distributed.fsdp import FSDPModule
+    if getattr(model, "is_activation_checkpointing", False):
+        return False
+    return not (torch.is_grad_enabled() and any(isinstance(m, FSDPModule) for m in model.modules()))
+
+
 def response_logprobs(model, prompts: dict, response_ids, response_mask, temperature: float = 1.0,
                       return_entropy: bool = False):
     """log pi(token) [N, T] of each response token under softmax(logits / temperature), teacher-forced through the
     model's own forward with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows,
     or N/k (prompt-major: response n belongs to prompt n // k): then, as in `generate`, the prompt (its image
-    included) runs once and its KV cache is shared by its k responses. With return_entropy, also the exact entropy
+    included) runs once and its KV cache is shared by its k responses (where `can_share_cache`). With return_entropy, also the exact entropy
     of each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
     N, T = response_ids.shape
     B = prompts["input_ids"].shape[0]
     assert N % B == 0, f"{N} responses for {B} prompts: need N or N/k prompt rows"
     k = N // B
-    if k > 1 and getattr(model, "is_activation_checkpointing", False):  # HF turns the cache off: one row per response
+    if k > 1 and not can_share_cache(model):                                 # one prompt row per response
         prompts, k = select_prompts(prompts, torch.arange(N, device=response_ids.device) // k), 1
     resp_pos = prompts["next_position"].repeat_interleave(k)[:, None] + torch.arange(T, device=response_ids.device)
     pos = prompts["position_ids"]

@@ -8,7 +8,8 @@ One row per question:
      "response": str,                                      # optional: the SFT target for this question
      "kind": str}                                          # optional: question type, for per-type metrics
 
-A malformed row raises ValueError naming the file, the line and the problem. No row is dropped.
+A malformed row raises ValueError naming the file, the line and the problem. No row is dropped. Empty cached
+responses are kept (a model can answer nothing) and counted in a warning.
 Below the loader: which rows a training step takes (a pure function of the seed and the step, so resuming
 needs only the step) and which cached teacher responses fill a question's G teacher slots.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from pathlib import Path
 
 from PIL import Image
 
+log = logging.getLogger(__name__)
 REQUIRED = {"id": str, "question": str, "answer": str}
 OPTIONAL = {"image", "teachers", "students", "response", "kind"}
 
@@ -90,6 +93,10 @@ def load_jsonl(path: str | Path) -> list[dict]:
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: the file holds no rows")
+    empty = sum(not t.strip() for r in rows for field in ("teachers", "students")
+                for ts in r.get(field, {}).values() for t in ts)
+    if empty:  # kept (a model may answer nothing; it then earns no answer reward), but never unnoticed
+        log.warning("%s: %d cached responses are empty", path, empty)
     return rows
 
 

@@ -136,6 +136,13 @@ def test_loader_accepts_text_only_and_evaluation_rows(tmp_path):
         load_jsonl(tmp_path / "nope.jsonl")
 
 
+def test_empty_cached_responses_load_and_are_counted(tmp_path, caplog):
+    rows = [dict(GOOD, teachers={"t": ["r", " "]}), dict(GOOD, id="b", students={"s": ["", "x"]})]
+    with caplog.at_level("WARNING"):
+        loaded = load_jsonl(_write(tmp_path, rows))
+    assert loaded[0]["teachers"]["t"] == ["r", " "] and "2 cached responses are empty" in caplog.text
+
+
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
     items = list(range(12))
     for step in range(7):  # 4 items a step: no batch straddles two epochs, so the ranks' shares are disjoint

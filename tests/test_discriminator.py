@@ -89,6 +89,30 @@ def test_logits_do_not_depend_on_padding(tok, disc0):
     assert torch.allclose(p, torch.sigmoid(alone), atol=1e-5) and p.shape == (2,)
 
 
+def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_thread):
+    """The prompt's fixed start run once and its cache shared (what p_student and update use) equals the
+    prompt written into every row: logits and every parameter's gradient; under checkpointing too."""
+    texts = ["Final answer: \\boxed{2}", "Let me look at each object. I see a red circle at the top left. "
+             "So the answer is \\boxed{1}.", "The answer is \\boxed{yes}."]
+    plain, _ = encode_for_discriminator(tok, texts, 256)
+    shared, _ = encode_for_discriminator(tok, texts, 256, shared_prefix=True)
+    assert shared["input_ids"].shape[1] + len(shared["prefix_ids"]) == plain["input_ids"].shape[1]
+    assert shared["prefix_ids"].tolist() == prompt_parts(tok)[0]
+    grads = []
+    for enc, checkpointing in ((plain, False), (shared, False), (shared, True)):
+        d = _with_random_head(disc0)
+        if checkpointing:
+            d.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            d.train()
+        logits = d(**enc)  # [3]
+        (logits * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in d.named_parameters()}))
+    for logits, g in grads[1:]:
+        torch.testing.assert_close(logits, grads[0][0], atol=1e-5, rtol=1e-5)
+        for n, ref in grads[0][1].items():  # fp32 sums in another order: relative to the gradient's size
+            assert (g[n] - ref).norm() <= 1e-5 * ref.norm() + 1e-7, (n, (g[n] - ref).norm() / ref.norm())
+
+
 def test_save_and_load_roundtrip(tok, disc0, tmp_path):
     d = _with_random_head(disc0)
     d.save_pretrained(tmp_path / "disc", tokenizer=tok)

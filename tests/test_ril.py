@@ -47,6 +47,7 @@ def test_bad_config_fails_before_any_work(argv, message):
 def test_embedded_defaults_apply_only_without_student(tiny_student, embedded):
     assert ril.parse_config([]).lr == ril.EMBEDDED["lr"]
     assert ril.parse_config(["--lr", "3e-5"]).lr == 3e-5
+    assert ril.parse_config([]).keep_gathered and not ril.parse_config(["--no-keep-gathered"]).keep_gathered
     cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl")])
     assert cfg.lr == 1e-6 and cfg.group_size == 4 and cfg.clip_eps == 0.2 and cfg.beta == 0.01
 
@@ -68,12 +69,15 @@ def test_two_processes_equal_one(small_run):
     args = common + ["--stage", "rl", "--steps", 2, "--save-every", 0, "--temperature", 0,  # greedy: same work
                      "--vision-lr-scale", 0.1]
     run(args + ["--name", "one"], nproc=1)
-    run(args + ["--name", "two", "--keep-gathered"], nproc=2)  # FSDP2 without re-gathering in backward: same math
-    one, two = (weights(out / n / "checkpoints" / "step-2" / "student") for n in ("one", "two"))
+    run(args + ["--name", "two"], nproc=2)
+    run(args + ["--name", "two-kept", "--keep-gathered"], nproc=2)  # FSDP2 without re-gathering in backward
+    one = weights(out / "one" / "checkpoints" / "step-2" / "student")
     start = weights(common[1])
     assert any(not torch.equal(one[k], start[k]) for k in one)  # the steps changed the weights
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
+    for name in ("two", "two-kept"):
+        two = weights(out / name / "checkpoints" / "step-2" / "student")
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
 
 
 def test_resume_equals_straight_run(small_run):
