@@ -114,7 +114,9 @@ def test_discriminator_from_the_student(student, tmp_path):
 def test_sft_disc_and_rl_stages_under_torchrun(name, request, embedded, tmp_path):
     """SFT, then the discriminator pre-trained from the SFT student and 2 RIL steps, each with 2 processes."""
     path = request.getfixturevalue(FAMILIES[name][0])
-    small = ["--out-dir", tmp_path, "--max-new-tokens", 24, "--max-disc-len", 192, "--micro-batch", 8,
+    # 64 new tokens hold a whole teacher response (~50 tokens, its answer last): teachers then earn the answer
+    # reward and the untrained students do not, so every group has non-zero advantages and RL moves the weights
+    small = ["--out-dir", tmp_path, "--max-new-tokens", 64, "--max-disc-len", 192, "--micro-batch", 8,
              "--sample-every", 0]
     run(["--student", path, "--stage", "sft", "--sft-data", embedded / "sft.jsonl", "--sft-steps", 2,
          "--sft-batch-size", 4, "--sft-lr", 1e-3, "--name", "sft", *small], nproc=2)
@@ -132,4 +134,5 @@ def test_sft_disc_and_rl_stages_under_torchrun(name, request, embedded, tmp_path
     assert (tmp_path / "rl" / "discriminator" / "discriminator_head.safetensors").exists()
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert summary["skipped_steps"] == 0 and summary["accuracy_after"] is not None
-    assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 2
+    metrics = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["reward/teacher_answer"] > 0 for m in metrics)
