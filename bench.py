@@ -49,6 +49,20 @@ def timed(name, fn, clock, sync):
     return wrapper
 
 
+def fastest(work_a, work_b, repeats: int, sync) -> tuple[float, float]:
+    """Seconds of the fastest of `repeats` runs of each of two callables, run alternately after one warm-up each
+    (other processes only ever add time)."""
+    def clock(work):
+        sync()
+        t = time.perf_counter()
+        work()
+        sync()
+        return time.perf_counter() - t
+    work_a(), work_b()
+    times = [(clock(work_a), clock(work_b)) for _ in range(repeats)]
+    return min(a for a, _ in times), min(b for _, b in times)
+
+
 def response_tokens(ids: torch.Tensor, eos: list[int]) -> int:
     """Tokens generated per row up to and including the first EOS, summed. ids [N, T]."""
     T = ids.shape[1]
@@ -162,24 +176,16 @@ def bench_logprobs(a, model, tok, prompts, rows, sync):
     print(f"log-probs workload: {len(rows)} prompts ({prompts['input_ids'].shape[1]} tokens) x {a.samples} "
           f"responses ({mask.sum(1).float().mean():.0f} tokens on average, {ids.shape[1]} padded)")
 
-    def run(p, grad):
-        sync()
-        t = time.perf_counter()
+    def work(p, grad):
         with torch.set_grad_enabled(grad):
             logp = rollout.response_logprobs(model, p, ids, mask)
             if grad:
                 logp.sum().backward()
-        sync()
-        return time.perf_counter() - t
 
     for grad in (True, False):
-        run(prompts, grad), run(per_row, grad)                                    # warm-up
-        shared, copied = [], []
-        for _ in range(a.repeats):
-            shared.append(run(prompts, grad)), copied.append(run(per_row, grad))
-        what = "forward + backward" if grad else "forward (no grad)"
-        print(f"[log-probs, {what}] one row per response {min(copied):.3f} s, shared prompt {min(shared):.3f} s: "
-              f"speed-up {min(copied) / min(shared):.2f}x")
+        shared, copied = fastest(lambda: work(prompts, grad), lambda: work(per_row, grad), a.repeats, sync)
+        print(f"[log-probs, {'forward + backward' if grad else 'forward (no grad)'}] one row per response "
+              f"{copied:.3f} s, shared prompt {shared:.3f} s: speed-up {copied / shared:.2f}x")
     model.zero_grad(set_to_none=True)
 
 
@@ -200,26 +206,18 @@ def bench_disc(a, tok, rows, sync):
     n_tokens = sum(int(e["attention_mask"].sum()) for e in batches[False])
     print(f"discriminator workload: {len(texts)} responses, {n_tokens} tokens with the prompt in every row")
 
-    def run(shared, grad):
-        sync()
-        t = time.perf_counter()
+    def work(shared, grad):
         with torch.set_grad_enabled(grad):
             for enc in batches[shared]:
+                logits = disc(**enc)                                              # [32]
                 if grad:
-                    disc(**enc).sum().backward()
-                else:
-                    disc(**enc)
-        sync()
-        return time.perf_counter() - t
+                    logits.sum().backward()
 
     for grad in (True, False):
-        run(True, grad), run(False, grad)                                         # warm-up
-        shared, copied = [], []
-        for _ in range(a.repeats):
-            shared.append(run(True, grad)), copied.append(run(False, grad))
+        shared, copied = fastest(lambda: work(True, grad), lambda: work(False, grad), a.repeats, sync)
         what = "forward + backward (update)" if grad else "forward (p_student)"
-        print(f"[discriminator, {what}] prompt in every row {min(copied):.3f} s, shared prompt start "
-              f"{min(shared):.3f} s: speed-up {min(copied) / min(shared):.2f}x")
+        print(f"[discriminator, {what}] prompt in every row {copied:.3f} s, shared prompt start {shared:.3f} s: "
+              f"speed-up {copied / shared:.2f}x")
 
 
 if __name__ == "__main__":
