@@ -11,7 +11,7 @@ penalty 1.05, up to 128 new tokens; once with EOS (rows end at varied lengths) a
 rollout.generate spends its time (model forward incl. prefill and vision, sampling, cache handling).
 
 Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached teacher
-responses, teacher-forced; the prompts (images included) once with their KV cache shared by each question's
+responses, teacher-forced; the prompts (images included) once, packed with each question's
 responses (rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
 Discriminator (`--what disc`): D's forward and forward + backward over the same questions' 2G responses (the
 cached teacher responses and as many plain ones), its fixed prompt start run once per batch with its KV cache

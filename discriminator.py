@@ -100,7 +100,7 @@ class Discriminator(nn.Module):
 
 
 def can_share_cache(backbone: nn.Module) -> bool:
-    """Whether the prefix's KV cache may feed the rows' forward (the rule of rollout.can_share_cache): not under
+    """Whether the prefix's KV cache may feed the rows' forward: not under
     activation checkpointing (HF turns the cache off), nor when gradients flow under FSDP2 (each layer runs twice
     before backward; FSDP2 releases a layer's gathered weights and reduces its gradients after the second call's
     backward, before the prefix's call, which it reaches only through the cache)."""

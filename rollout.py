@@ -13,8 +13,8 @@
   instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
 `response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
-position ids; given one prompt row per question, it too runs each prompt once and shares its KV cache (through
-the HF Cache, differentiably) with the question's responses, where that is safe (`can_share_cache`). Sampling
+position ids; given one prompt row per question, it too runs each prompt once: the prompt and the question's
+responses form one packed row, each response attending to the prompt and to itself (`packed_mask`). Sampling
 follows transformers' logits processors (repetition penalty, then temperature, top-k, top-p), in float32, except
 that left-padding does not count as a prompt token for the repetition penalty; with top-k, only the k
 candidates are sorted and drawn from (the same distribution).
@@ -427,15 +427,16 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
 # Teacher-forced log-probs
 
 
-def can_share_cache(model) -> bool:
-    """Whether a prompt's KV cache, computed in one forward, may feed the forward of its responses. Not under
-    activation checkpointing (HF turns the cache off), nor when gradients flow under FSDP2: each layer then runs
-    twice before backward, and FSDP2 frees or reduces a layer's gathered weights and gradients once the second
-    call's backward is through it, before the prompt's call, reached only through the cache, is."""
-    from torch.distributed.fsdp import FSDPModule
-    if getattr(model, "is_activation_checkpointing", False):
-        return False
-    return not (torch.is_grad_enabled() and any(isinstance(m, FSDPModule) for m in model.modules()))
+def packed_mask(segment: torch.Tensor) -> torch.Tensor:
+    """Attention inside packed rows [prompt | response 1 | ... | response k | padding], given each position's
+    segment [B, L]: 0 = a real prompt token, j = a token of response j, -1 = padding (the prompt's left padding
+    too). A position sees the earlier prompt tokens and the earlier tokens of its own response, never another
+    response; a padding position sees only itself (no empty softmax row). True = may attend. [B, 1, L, L]"""
+    L = segment.shape[1]
+    pos = torch.arange(L, device=segment.device)
+    q, k = segment[:, :, None], segment[:, None, :]                          # [B, L, 1], [B, 1, L]
+    allowed = (pos[None, :] <= pos[:, None]) & ((k == q) | (k == 0)) & (k >= 0)  # [B, L, L]
+    return (allowed | torch.eye(L, dtype=torch.bool, device=segment.device))[:, None]
 
 
 def response_logprobs(model, prompts: dict, response_ids, response_mask, temperature: float = 1.0,
@@ -443,29 +444,42 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
     """log pi(token) [N, T] of each response token under softmax(logits / temperature), teacher-forced through the
     model's own forward with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows,
     or N/k (prompt-major: response n belongs to prompt n // k): then, as in `generate`, the prompt (its image
-    included) runs once and its KV cache is shared by its k responses (where `can_share_cache`). With return_entropy, also the exact entropy
-    of each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
+    included) runs once: it and its k responses form one packed row under `packed_mask`, so each layer runs once
+    (FSDP2 and activation checkpointing see an ordinary forward). With return_entropy, also the exact entropy of
+    each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
     N, T = response_ids.shape
     B = prompts["input_ids"].shape[0]
     assert N % B == 0, f"{N} responses for {B} prompts: need N or N/k prompt rows"
-    k = N // B
-    if k > 1 and not can_share_cache(model):                                 # one prompt row per response
-        prompts, k = select_prompts(prompts, torch.arange(N, device=response_ids.device) // k), 1
-    resp_pos = prompts["next_position"].repeat_interleave(k)[:, None] + torch.arange(T, device=response_ids.device)
-    pos = prompts["position_ids"]
-    resp_pos = resp_pos.expand(*pos.shape[:-2], N, T)                         # [(3,) N, T]
-    mask = torch.cat([prompts["attention_mask"].repeat_interleave(k, 0), response_mask.long()], 1)  # [N, P+T]
-    if k == 1:  # one forward over prompt + response
+    k, pos = N // B, prompts["position_ids"]
+    resp_pos = prompts["next_position"][:, None] + torch.arange(T, device=response_ids.device)  # [B, T]
+    resp_pos = resp_pos.expand(*pos.shape[:-2], B, T)                         # [(3,) B, T]
+    if k == 1:  # prompt + response, one row each
+        mask = torch.cat([prompts["attention_mask"], response_mask.long()], 1)  # [N, P+T]
         logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1), attention_mask=mask,
                        position_ids=torch.cat([pos, resp_pos], -1), use_cache=False, logits_to_keep=T + 1,
-                       **vision_inputs(prompts)).logits[:, :-1]                # [N, T, V]
-    else:       # the prompts once, their cache repeated k times, then the responses on top of it
-        head = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=pos,
-                     use_cache=True, logits_to_keep=1, **vision_inputs(prompts))
-        head.past_key_values.batch_repeat_interleave(k)                      # [B, ...] -> [N, ...], differentiable
-        rest = model(input_ids=response_ids, attention_mask=mask, position_ids=resp_pos,
-                     past_key_values=head.past_key_values, use_cache=True, logits_to_keep=T).logits   # [N, T, V]
-        logits = torch.cat([head.logits.repeat_interleave(k, 0), rest[:, :-1]], 1)                   # [N, T, V]
+                       **vision_inputs(prompts)).logits[:, :-1]               # [N, T, V]
+    else:  # a packed row per prompt: the prompt once, then its k responses' tokens, no padding between them
+        P, dev = prompts["input_ids"].shape[1], response_ids.device
+        length = response_mask.sum(1)                                           # [N]
+        assert (response_mask == (torch.arange(T, device=dev) < length[:, None])).all(), "masks must be prefixes"
+        start = (length.view(B, k).cumsum(1) - length.view(B, k)).view(N)      # [N] offset of a response in its row
+        L = P + int(length.view(B, k).sum(1).max())
+        row, t = response_mask.nonzero(as_tuple=True)                           # the real response tokens
+        b, col = row // k, P + start[row] + t                                    # their packed row and column
+        ids = prompts["input_ids"].new_zeros(B, L)                               # [B, L]
+        ids[:, :P], ids[b, col] = prompts["input_ids"], response_ids[row, t]
+        segment = torch.full((B, L), -1, device=dev)                            # [B, L]
+        segment[:, :P] = prompts["attention_mask"].long() - 1                    # 0 real prompt token, -1 padding
+        segment[b, col] = row % k + 1
+        packed_pos = pos.new_zeros(*pos.shape[:-1], L)                           # [(3,) B, L]
+        packed_pos[..., :P], packed_pos[..., b, col] = pos, resp_pos[..., b, t]
+        out = model(input_ids=ids, attention_mask=packed_mask(segment), position_ids=packed_pos, use_cache=False,
+                    logits_to_keep=L - P + 1, **vision_inputs(prompts)).logits  # [B, L-P+1, V], from position P-1
+        # a response's token 0 is predicted at the prompt's last position (index 0), its token t > 0 at the packed
+        # position before it (index start + t)
+        at = (start[:, None] + torch.arange(T, device=dev)).clamp(max=L - P)    # [N, T]
+        at[:, 0] = 0
+        logits = out[torch.arange(N, device=dev)[:, None] // k, at]             # [N, T, V]
     logp = (logits.float() / temperature).log_softmax(-1)                     # [N, T, V]
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
     if not return_entropy:
