@@ -100,10 +100,10 @@ class Discriminator(nn.Module):
 
 
 def can_share_cache(backbone: nn.Module) -> bool:
-    """Whether the prefix's KV cache may feed the rows' forward: not under
-    activation checkpointing (HF turns the cache off), nor when gradients flow under FSDP2 (each layer runs twice
-    before backward; FSDP2 releases a layer's gathered weights and reduces its gradients after the second call's
-    backward, before the prefix's call, which it reaches only through the cache)."""
+    """Whether the prefix's KV cache may feed the rows' forward: not under activation checkpointing (HF turns the
+    cache off), nor when gradients flow under FSDP2 (each layer runs twice before backward; FSDP2 releases a layer's
+    gathered weights and reduces its gradients after the second call's backward, before the prefix's call, which it
+    reaches only through the cache)."""
     from torch.distributed.fsdp import FSDPModule
     fsdp = any(isinstance(m, FSDPModule) for m in backbone.modules())
     return not getattr(backbone, "is_activation_checkpointing", False) and not (fsdp and torch.is_grad_enabled())

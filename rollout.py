@@ -462,8 +462,9 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
         P, dev = prompts["input_ids"].shape[1], response_ids.device
         length = response_mask.sum(1)                                           # [N]
         assert (response_mask == (torch.arange(T, device=dev) < length[:, None])).all(), "masks must be prefixes"
-        start = (length.view(B, k).cumsum(1) - length.view(B, k)).view(N)      # [N] offset of a response in its row
-        L = P + int(length.view(B, k).sum(1).max())
+        per_row = length.view(B, k)                                             # [B, k]
+        start = (per_row.cumsum(1) - per_row).view(N)                           # [N] offset of a response in its row
+        L = P + int(per_row.sum(1).max())
         row, t = response_mask.nonzero(as_tuple=True)                           # the real response tokens
         b, col = row // k, P + start[row] + t                                    # their packed row and column
         ids = prompts["input_ids"].new_zeros(B, L)                               # [B, L]
