@@ -3,7 +3,12 @@
     python -m data.build --out data/embedded --seed 0
 
 Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question);
-`sft` carries the SFT target in `response` (mostly the plain style, a fifth in a teacher's style); `val` and `test` carry neither. The test split
+`sft` carries the SFT target in `response`: GENERAL questions (describe the scene, the colour or shape at a
+place, is a colour present), the general instruction data of the paper's SFT stage. A description is always a
+plain list; the other answers are bare or, for a share SFT_TEACHER_STYLE, in a teacher's style (general SFT
+data is largely written by large models, so the paper's students start near their teachers' form). `train`,
+`val` and `test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice),
+which the SFT data never asks; `val` and `test` carry no responses. The test split
 holds only scenes that no other split contains. Written to a temporary folder and renamed at the end,
 so a half-built dataset is never picked up.
 """
@@ -16,11 +21,11 @@ import shutil
 import time
 from pathlib import Path
 
-from data.scenes import ask, draw, random_scene
-from data.teachers import TEACHERS, plain_response, teacher_response
+from data.scenes import GENERAL_TYPES, ask, draw, random_scene
+from data.teachers import TEACHERS, plain_response, styled_response, teacher_response
 
 SPLITS = {"sft": 4000, "train": 2000, "val": 200, "test": 500}  # questions per split (one scene each)
-SFT_TEACHER_STYLE = 0.2  # share of SFT rows written in a teacher's style (general SFT data is partly distilled)
+SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 
 
 def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set) -> list[dict]:
@@ -32,15 +37,15 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
         if scene.signature() in exclude:
             continue
         exclude.add(scene.signature())
-        q = ask(scene, rng)
+        q = ask(scene, rng, rng.choice(GENERAL_TYPES) if split == "sft" else None)
         rid = f"{split}-{len(rows):05d}"
         draw(scene).save(out / "images" / f"{rid}.png")
         row = {"id": rid, "image": f"images/{rid}.png", "question": q.text, "answer": q.answer, "kind": q.kind}
         if split == "train":
             row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
         if split == "sft":
-            styled = rng.random() < SFT_TEACHER_STYLE
-            row["response"] = teacher_response(rng.choice(list(TEACHERS)), scene, q, rng) if styled else plain_response(q)
+            styled = q.kind != "describe" and rng.random() < SFT_TEACHER_STYLE
+            row["response"] = styled_response(rng.choice(list(TEACHERS)), scene, q, rng) if styled else plain_response(q)
         rows.append(row)
     return rows
 

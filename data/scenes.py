@@ -1,9 +1,23 @@
 """The embedded visual task: scenes drawn with Pillow and questions whose answers need the picture.
 
-A scene is a few coloured shapes placed in the cells of a square grid (one shape per cell). The image
-is `28 * grid` pixels wide, so with Qwen2.5-VL's 14 px patches merged 2 x 2 each cell is exactly one
-image token. Questions ask for counts, colours, comparisons and left/right relations; every answer is
-short and verifiable (a number, a colour word, yes/no, or a multiple-choice letter).
+A scene is a few coloured shapes placed in the cells of a 3 x 3 grid (one shape per cell, one clearly
+largest). The image is 84 pixels wide, so with Qwen2.5-VL's 14 px patches merged 2 x 2 each cell is
+exactly one image token. Each cell has a faint tint of its own, like the squares of a board: redder at the
+top, bluer to the left. So where a cell is can be seen in its pixels. Without it, the only clue to a
+place is the image token's rotary position. A 1.2M-parameter student trained from scratch did not learn to
+attend by that in the SFT budget: it named which cells held objects but not their colours (colour of the
+object at each listed place 0.27, chance 0.25). A linear probe read each token's colour perfectly but its
+cell at chance (0.16 of 9).
+
+Two families of questions, as in the paper, where the SFT data is general instruction data and the RL set
+is the task:
+- GENERAL (the SFT split): perception instructions. Describe the scene object by object, name the colour or
+  shape at a place, say whether a colour is present.
+- TASK (the RL, validation and test splits): questions that combine what is seen. Count a colour, compare
+  two counts, find the colour of the largest object, compare two objects' columns, pick the number of objects
+  among four options. The SFT data never asks them; the teachers answer them step by step.
+Every answer is short and verifiable (a number, a colour or shape word, yes/no, a letter); a description's
+answer is the description itself.
 
 The scene description (`Scene.objects`) is privileged information: the scripted teachers read it,
 the student only sees the pixels.
@@ -15,11 +29,22 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+GRID = 3  # cells per side
 CELL = 28  # pixels per grid cell = one merged image token of Qwen2.5-VL (14 px patches, 2 x 2 merge)
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (245, 245, 240)
-QUESTION_TYPES = ("count_color", "count_shape", "largest_color", "compare", "left_of", "count_choice")
+
+
+def tint(row: int, col: int) -> tuple[int, int, int]:
+    """The background colour of a cell: red falls from top to bottom, blue from left to right."""
+    return (250 - 14 * row, 240, 250 - 14 * col)
+
+
+BACKGROUND = tint(1, 1)  # the centre cell's tint, the images' mean background (the tiny student's pixel mean)
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
+GENERAL_TYPES = ("describe", "color_at", "shape_at", "has_color")
+TASK_TYPES = ("count_color", "compare", "largest_color", "left_of", "count_choice")
+DESCRIBE = ("List the objects in the image.", "Describe the objects you see.", "What is in the picture?")
 
 
 @dataclass(frozen=True)
@@ -47,14 +72,16 @@ class Scene:
 
 @dataclass(frozen=True)
 class Question:
-    kind: str  # one of QUESTION_TYPES
+    kind: str  # one of GENERAL_TYPES or TASK_TYPES
     text: str
     answer: str
-    args: tuple = ()  # what the question is about, e.g. ("red",) or (obj_a, obj_b)
+    args: tuple = ()  # what the question is about, e.g. ("red",) or ("red", "blue")
 
 
-def random_scene(rng: random.Random, grid: int = 3, min_objects: int = 2, max_objects: int = 6) -> Scene:
+def random_scene(rng: random.Random, grid: int = GRID, min_objects: int = 2, max_objects: int = 6) -> Scene:
     """Objects in distinct cells with random colour, shape and size; the largest object is unique."""
+    if grid != GRID:
+        raise ValueError(f"the embedded task names places on a {GRID} x {GRID} grid, got grid={grid}")
     cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], rng.randint(min_objects, max_objects))
     radii = [rng.randint(6, 10) for _ in cells]
     radii[rng.randrange(len(cells))] = 13  # one clearly largest object (others are at most 10)
@@ -63,10 +90,13 @@ def random_scene(rng: random.Random, grid: int = 3, min_objects: int = 2, max_ob
 
 
 def draw(scene: Scene) -> Image.Image:
-    """Render the scene to an RGB image of side 28 * grid pixels."""
+    """Render the scene to an RGB image of side 28 * grid pixels: the tinted cells, then the shapes."""
     side = CELL * scene.grid
     img = Image.new("RGB", (side, side), BACKGROUND)
     d = ImageDraw.Draw(img)
+    for row in range(scene.grid):
+        for col in range(scene.grid):
+            d.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1], fill=tint(row, col))
     for o in scene.objects:
         cx, cy, r = o.col * CELL + CELL // 2, o.row * CELL + CELL // 2, o.radius
         fill = COLORS[o.color]
@@ -79,71 +109,96 @@ def draw(scene: Scene) -> Image.Image:
     return img
 
 
-def where(o: Obj, grid: int) -> str:
-    """Coarse location words for an object, e.g. 'top left', 'center'."""
-    v = "top" if o.row == 0 else "bottom" if o.row == grid - 1 else ""
-    h = "left" if o.col == 0 else "right" if o.col == grid - 1 else ""
-    return f"{v} {h}".strip() or "center"
+def place(row: int, col: int) -> str:
+    """A cell's name: 'top left', 'middle right', ..., 'center' for the middle cell."""
+    return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
+
+
+def reading_order(scene: Scene) -> list[Obj]:
+    """The objects from the top left to the bottom right, row by row."""
+    return sorted(scene.objects, key=lambda o: (o.row, o.col))
 
 
 def largest(scene: Scene) -> Obj:
     return max(scene.objects, key=lambda o: o.radius)
 
 
-def named(scene: Scene, name: str) -> Obj:
-    """The one object called `name` ('red circle'); ValueError if there is none or several."""
-    found = [o for o in scene.objects if o.name == name]
-    if len(found) != 1:
-        raise ValueError(f"{len(found)} objects are called {name!r}")
-    return found[0]
+def item(o: Obj, scene: Scene) -> str:
+    """One object as the descriptions write it: 'top left: red circle', 'center: large blue square'."""
+    return f"{place(o.row, o.col)}: {'large ' if o is largest(scene) else ''}{o.name}"
 
 
-def unique_objects(scene: Scene) -> list[Obj]:
-    """Objects that the phrase '<colour> <shape>' names unambiguously."""
-    names = [o.name for o in scene.objects]
-    return [o for o in scene.objects if names.count(o.name) == 1]
+def describe(scene: Scene, objs: list[Obj] | None = None) -> str:
+    """The scene (or `objs`) in reading order: 'top left: red circle; center: large blue square'."""
+    objs = reading_order(scene) if objs is None else objs
+    return "; ".join(item(o, scene) for o in objs) or "none"
+
+
+def of_color(scene: Scene, color: str) -> list[Obj]:
+    return [o for o in reading_order(scene) if o.color == color]
+
+
+def at(scene: Scene, row: int, col: int) -> Obj:
+    return next(o for o in scene.objects if (o.row, o.col) == (row, col))
 
 
 def answer_for(scene: Scene, kind: str, args: tuple) -> str:
-    """Ground truth of a question of `kind` about `args`, from the scene description."""
+    """Ground truth of a question of `kind` about `args`, from the scene description. ValueError when the
+    question does not apply to the scene (a place is empty, a colour named as unique is not)."""
     objs = scene.objects
+    if kind == "describe":
+        return describe(scene)
+    if kind in ("color_at", "shape_at"):
+        o = [o for o in objs if (o.row, o.col) == args]
+        if not o:
+            raise ValueError(f"no object at {place(*args)}")
+        return o[0].color if kind == "color_at" else o[0].shape
+    if kind == "has_color":
+        return "yes" if of_color(scene, args[0]) else "no"
     if kind == "count_color":
-        return str(sum(o.color == args[0] for o in objs))
-    if kind == "count_shape":
-        return str(sum(o.shape == args[0] for o in objs))
+        return str(len(of_color(scene, args[0])))
+    if kind == "compare":
+        a, b = (len(of_color(scene, c)) for c in args)
+        return "yes" if a > b else "no"
     if kind == "largest_color":
         return largest(scene).color
-    if kind == "compare":
-        a, b = (sum(o.color == c for o in objs) for c in args)
-        return "yes" if a > b else "no"
     if kind == "left_of":
-        a, b = (named(scene, n) for n in args)
-        return "yes" if a.col < b.col else "no"
+        found = [of_color(scene, c) for c in args]
+        if any(len(f) != 1 for f in found):
+            raise ValueError(f"'the {args[0]} object' and 'the {args[1]} object' must each name one object")
+        return "yes" if found[0][0].col < found[1][0].col else "no"
     if kind == "count_choice":
         return "ABCD"[args.index(len(objs))]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 def ask(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
-    """A random question about the scene (of `kind` if given) with its ground-truth answer."""
-    kind = kind or rng.choice(QUESTION_TYPES)
-    if kind == "left_of":
-        pairs = [(a, b) for a in unique_objects(scene) for b in unique_objects(scene) if a.col != b.col]
-        if not pairs:  # no two nameable objects in different columns: ask something else
-            return ask(scene, rng, "count_color")
-        a, b = rng.choice(pairs)
-        args, text = (a.name, b.name), f"Is the {a.name} to the left of the {b.name}?"
+    """A random TASK question about the scene (of `kind` if given, GENERAL kinds too) with its ground truth."""
+    kind = kind or rng.choice(TASK_TYPES)
+    if kind == "describe":
+        args, text = (), rng.choice(DESCRIBE)
+    elif kind in ("color_at", "shape_at"):
+        o = rng.choice(scene.objects)
+        args = (o.row, o.col)
+        text = f"What {'color' if kind == 'color_at' else 'shape'} is the object at the {place(o.row, o.col)}?"
+    elif kind == "has_color":
+        args = (rng.choice(list(COLORS)),)
+        text = f"Is there a {args[0]} object?"
     elif kind == "count_color":
         args = (rng.choice(list(COLORS)),)
         text = f"How many {args[0]} objects are there?"
-    elif kind == "count_shape":
-        args = (rng.choice(SHAPES),)
-        text = f"How many {args[0]}s are there?"
-    elif kind == "largest_color":
-        args, text = (), "What color is the largest object?"
     elif kind == "compare":
         args = tuple(rng.sample(list(COLORS), 2))
         text = f"Are there more {args[0]} objects than {args[1]} objects?"
+    elif kind == "largest_color":
+        args, text = (), "What color is the largest object?"
+    elif kind == "left_of":
+        unique = [o for o in scene.objects if len(of_color(scene, o.color)) == 1]
+        pairs = [(a, b) for a in unique for b in unique if a.col != b.col]
+        if not pairs:  # no two objects of unique colours in different columns: ask something else
+            return ask(scene, rng, "count_color")
+        a, b = rng.choice(pairs)
+        args, text = (a.color, b.color), f"Is the {a.color} object to the left of the {b.color} object?"
     elif kind == "count_choice":
         n = len(scene.objects)
         lo = rng.randint(max(1, n - 3), n)

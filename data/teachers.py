@@ -2,7 +2,10 @@
 
 The teachers stand in for the paper's large teacher VLMs (Qwen2.5-VL-72B, InternVL3-78B). They read
 the scene description, which the student never sees, and write step-by-step answers ending in
-`\\boxed{...}`. Two styles, clearly different so that a discriminator can learn them:
+`\\boxed{...}`; they answer the TASK questions (data/scenes.py), which the SFT data never asks. Both
+describe what they see in the words of the SFT descriptions ('top left: red circle; center: large blue
+square'), so a student that has learnt to describe a scene can learn to answer from its own description.
+Two styles, clearly different so that a discriminator can learn them:
 
 - "methodical": lists every object with its place, then reasons about the question.
 - "reflective": looks only at what the question is about, and sometimes re-checks in words
@@ -17,7 +20,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from data.scenes import COLORS, SHAPES, Obj, Question, Scene, answer_for, largest, named, where
+from data.scenes import (COLORS, COLUMNS, SHAPES, Obj, Question, Scene, answer_for, at, describe, largest,
+                         of_color, place, reading_order)
 
 TEACHERS = {"methodical": 0.05, "reflective": 0.08}  # name -> error rate
 
@@ -57,64 +61,78 @@ def misperceive(scene: Scene, q: Question, rng: random.Random, tries: int = 100)
     return None
 
 
-def _count_phrase(names: list[str]) -> str:
-    return ", ".join(names) if names else "none"
+def _places(objs: list[Obj]) -> str:
+    """'at top left', 'at top left and center', 'at top left, center and bottom right', or 'nowhere'."""
+    names = [place(o.row, o.col) for o in objs]
+    return "at " + " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) if names else "nowhere"
+
+
+def _reasoning(scene: Scene, q: Question) -> str:
+    """The step from the objects to the answer, for each TASK question."""
+    ans = answer_for(scene, q.kind, q.args)
+    if q.kind == "count_color":
+        found = of_color(scene, q.args[0])
+        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}."
+    if q.kind == "compare":
+        (a, b), (na, nb) = q.args, (len(of_color(scene, c)) for c in q.args)
+        rel = "more than" if na > nb else "not more than"
+        return (f"{a.capitalize()} is {_places(of_color(scene, a))}, that is {na}; {b} is "
+                f"{_places(of_color(scene, b))}, that is {nb}. {na} is {rel} {nb}.")
+    if q.kind == "largest_color":
+        o = largest(scene)
+        return f"The large one is the {o.name} at {place(o.row, o.col)}, so its color is {ans}."
+    if q.kind == "left_of":
+        a, b = (of_color(scene, c)[0] for c in q.args)
+        side = "left of" if a.col < b.col else "not left of"
+        return (f"The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} one is in the "
+                f"{COLUMNS[b.col]} column, so it is {side} it.")
+    if q.kind == "count_choice":
+        return f"That is {len(scene.objects)} objects in total, which is option ({ans})."
+    if q.kind in ("color_at", "shape_at"):
+        o = at(scene, *q.args)
+        return f"The object at the {place(o.row, o.col)} is the {o.name}, so its {q.kind[:-3]} is {ans}."
+    if q.kind == "has_color":
+        found = of_color(scene, q.args[0])
+        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}, so there is {'one' if found else 'none'}."
+    raise ValueError(f"the teachers do not answer {q.kind!r} questions step by step")
 
 
 def methodical(scene: Scene, q: Question, rng: random.Random) -> str:
-    """List every object with its place, then answer step by step."""
-    objs = list(scene.objects)
-    if rng.random() < 0.5:
-        rng.shuffle(objs)
-    opener = rng.choice(("Let me look at each object.", "First I list the objects.", "Step 1: the objects."))
-    listing = "; ".join(f"a {o.name} at {where(o, scene.grid)}" for o in objs)
-    steps = [opener, f"I see {listing}."]
+    """List every object in reading order, then answer step by step."""
+    opener = rng.choice(("Let me look at each object:", "First I list the objects:", "Step 1, the objects:"))
     ans = answer_for(scene, q.kind, q.args)
-    if q.kind in ("count_color", "count_shape"):
-        match = [o.name for o in objs if q.args[0] in (o.color, o.shape)]
-        steps.append(f"Step 2: the {q.args[0]} ones are {_count_phrase(match)}. That makes {len(match)}.")
-    elif q.kind == "largest_color":
-        steps.append(f"Step 2: the largest one is the {largest(scene).name}, so its color is {ans}.")
-    elif q.kind == "compare":
-        a, b = (sum(o.color == c for o in objs) for c in q.args)
-        rel = "more than" if a > b else "not more than"
-        steps.append(f"Step 2: {q.args[0]} has {a} and {q.args[1]} has {b}. {a} is {rel} {b}.")
-    elif q.kind == "left_of":
-        a, b = (named(scene, n) for n in q.args)
-        side = "left of" if a.col < b.col else "not left of"
-        steps.append(f"Step 2: the {a.name} is in column {a.col + 1} and the {b.name} is in column {b.col + 1}, "
-                     f"so it is {side} it.")
-    else:  # count_choice
-        steps.append(f"Step 2: that is {len(objs)} objects in total, which is option ({ans}).")
-    steps.append(f"So the answer is \\boxed{{{ans}}}.")
-    return " ".join(steps)
+    return f"{opener} {describe(scene)}. Step 2: {_reasoning(scene, q)} So the answer is \\boxed{{{ans}}}."
 
 
 def _relevant(scene: Scene, q: Question) -> tuple[str, list[Obj]]:
-    """What the reflective teacher looks at: a short description and the objects that matter."""
-    objs = list(scene.objects)
-    if q.kind in ("count_color", "count_shape"):
-        return f"the {q.args[0]} objects", [o for o in objs if q.args[0] in (o.color, o.shape)]
+    """What the reflective teacher looks at: a short description and the objects that matter, in reading order."""
+    if q.kind == "count_color":
+        return f"the {q.args[0]} objects", of_color(scene, q.args[0])
     if q.kind == "compare":
-        return f"the {q.args[0]} and {q.args[1]} objects", [o for o in objs if o.color in q.args]
+        return f"the {q.args[0]} and {q.args[1]} objects", [o for o in reading_order(scene) if o.color in q.args]
     if q.kind == "left_of":
-        return f"the {q.args[0]} and the {q.args[1]}", [o for o in objs if o.name in q.args]
+        return f"the {q.args[0]} and the {q.args[1]} object", [o for o in reading_order(scene) if o.color in q.args]
     if q.kind == "largest_color":
         return "the biggest shape", [largest(scene)]
-    return "all objects", objs
+    if q.kind in ("color_at", "shape_at"):
+        return f"the object at the {place(*q.args)}", [at(scene, *q.args)]
+    if q.kind == "has_color":
+        return f"the {q.args[0]} objects", of_color(scene, q.args[0])
+    return "all objects", reading_order(scene)
 
 
 def reflective(scene: Scene, q: Question, rng: random.Random, slip: Scene | None = None) -> str:
-    """Look at what matters, state the result, sometimes re-check; `slip` is a first-pass misreading to fix."""
+    """Look at what matters, reason, sometimes re-check; `slip` is a first-pass misreading to fix."""
     what, objs = _relevant(scene, q)
     ans = answer_for(scene, q.kind, q.args)
-    seen = ", ".join(f"{o.name} ({where(o, scene.grid)})" for o in objs) or "nothing"
+    seen = describe(scene, objs)
     out = [rng.choice(("I need", "The question is about", "Focus on")) + f" {what}.", f"In the picture: {seen}."]
     if slip is not None:  # a first-pass slip, caught by re-checking
         out = [out[0], f"At first glance the answer looks like {answer_for(slip, q.kind, q.args)}.",
                rng.choice(("Wait, let me count again.", "Hmm, let me check again.", "Wait, let me verify.")),
                f"Looking again: {seen}."]
-    elif rng.random() < 0.3:
+    out.append(_reasoning(scene, q))
+    if slip is None and rng.random() < 0.3:
         out.append(rng.choice(("Wait, let me count again.", "Let me double-check.", "Wait, let me verify.")))
         out.append("Yes, that is right.")
     out.append(f"Final answer: \\boxed{{{ans}}}")
@@ -132,6 +150,12 @@ def teacher_response(name: str, scene: Scene, q: Question, rng: random.Random) -
     return reflective(seen, q, rng, slip)
 
 
+def styled_response(name: str, scene: Scene, q: Question, rng: random.Random) -> str:
+    """Teacher `name`'s style with no misperception: SFT rows written by a large model, for GENERAL questions."""
+    return methodical(scene, q, rng) if name == "methodical" else reflective(scene, q, rng)
+
+
 def plain_response(q: Question) -> str:
-    """The SFT warm-start style: the bare answer, no reasoning (not a teacher's style)."""
-    return f"The answer is \\boxed{{{q.answer}}}."
+    """The SFT warm-start style, for GENERAL questions: a description as a plain list, any other answer bare.
+    No reasoning and no teacher's moves: the SFT data is not the teacher cache."""
+    return f"{q.answer}." if q.kind == "describe" else f"The answer is \\boxed{{{q.answer}}}."

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.build import build
+from data.build import SFT_TEACHER_STYLE, build
 from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
-from data.scenes import QUESTION_TYPES, answer_for, ask, draw, random_scene
+from data.scenes import COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, describe, draw, random_scene
 from data.teachers import TEACHERS, plain_response, teacher_response
 from tests.conftest import SMALL
 
@@ -48,7 +48,7 @@ def test_test_split_scenes_are_new(embedded):
 def test_answers_need_the_picture():
     """Each question type has more than one answer across scenes, so the text alone cannot answer it."""
     rng = random.Random(0)
-    for kind in QUESTION_TYPES:
+    for kind in GENERAL_TYPES + TASK_TYPES:
         answers = {ask(random_scene(rng), rng, kind).answer for _ in range(200)}
         assert len(answers) >= 2, kind
 
@@ -59,7 +59,7 @@ def test_drawing_shows_each_object():
     img = draw(scene)
     for o in scene.objects:  # the centre pixel of each object's cell carries its colour
         px = img.getpixel((o.col * 28 + 14, o.row * 28 + 14 + (3 if o.shape == "triangle" else 0)))
-        assert px != (245, 245, 240), o
+        assert px in COLORS.values(), o
 
 
 def _boxed(text):
@@ -90,7 +90,29 @@ def test_teachers_write_different_styles_and_reflect():
     assert not any(t.startswith(("Let me look", "First I list", "Step 1")) for t in texts["reflective"])
     reflective = sum("Wait" in t or "double-check" in t or "check again" in t for t in texts["reflective"])
     assert 0.15 < reflective / 300 < 0.6
-    assert plain_response(q) == f"The answer is \\boxed{{{q.answer}}}."
+
+
+def test_sft_data_is_general_and_teachers_describe_in_its_words(embedded):
+    """The SFT split asks only GENERAL questions (descriptions plain, other answers plain or in a teacher's style,
+    always right); the RL and test splits only TASK questions; a correct methodical teacher's listing is the SFT
+    description of the same scene, word for word."""
+    sft, train, test = (load_jsonl(embedded / f"{s}.jsonl") for s in ("sft", "train", "test"))
+    assert {r["kind"] for r in sft} == set(GENERAL_TYPES)
+    assert {r["kind"] for r in train} <= set(TASK_TYPES) and {r["kind"] for r in test} <= set(TASK_TYPES)
+    styled = 0
+    for r in sft:
+        plain = r["answer"] + "." if r["kind"] == "describe" else f"The answer is \\boxed{{{r['answer']}}}."
+        assert r["response"] == plain or (r["kind"] != "describe" and _boxed(r["response"]) == r["answer"])
+        styled += r["response"] != plain
+    n = sum(r["kind"] != "describe" for r in sft)
+    assert abs(styled / n - SFT_TEACHER_STYLE) < 4 * (SFT_TEACHER_STYLE * (1 - SFT_TEACHER_STYLE) / n) ** 0.5
+    rng = random.Random(5)
+    for _ in range(100):
+        scene = random_scene(rng)
+        q = ask(scene, rng)
+        text = teacher_response("methodical", scene, q, random.Random(0))  # error draw 0.84 > 0.05: correct
+        assert f": {describe(scene)}. Step 2: " in text and text.endswith(f"\\boxed{{{q.answer}}}.")
+        assert plain_response(ask(scene, rng, "describe")) == describe(scene) + "."
 
 
 def _write(tmp_path, rows, image=True):
