@@ -45,7 +45,8 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
             row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
         if split == "sft":
             styled = q.kind != "describe" and rng.random() < SFT_TEACHER_STYLE
-            row["response"] = styled_response(rng.choice(list(TEACHERS)), scene, q, rng) if styled else plain_response(q)
+            teacher = rng.choice(list(TEACHERS)) if styled else None
+            row["response"] = styled_response(teacher, scene, q, rng) if styled else plain_response(q)
         rows.append(row)
     return rows
 

@@ -139,7 +139,11 @@ def of_color(scene: Scene, color: str) -> list[Obj]:
 
 
 def at(scene: Scene, row: int, col: int) -> Obj:
-    return next(o for o in scene.objects if (o.row, o.col) == (row, col))
+    """The object in cell (row, col); ValueError if the cell is empty."""
+    for o in scene.objects:
+        if (o.row, o.col) == (row, col):
+            return o
+    raise ValueError(f"no object at the {place(row, col)}")
 
 
 def answer_for(scene: Scene, kind: str, args: tuple) -> str:
@@ -149,10 +153,8 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
     if kind == "describe":
         return describe(scene)
     if kind in ("color_at", "shape_at"):
-        o = [o for o in objs if (o.row, o.col) == args]
-        if not o:
-            raise ValueError(f"no object at {place(*args)}")
-        return o[0].color if kind == "color_at" else o[0].shape
+        o = at(scene, *args)
+        return o.color if kind == "color_at" else o.shape
     if kind == "has_color":
         return "yes" if of_color(scene, args[0]) else "no"
     if kind == "count_color":

@@ -64,11 +64,14 @@ def misperceive(scene: Scene, q: Question, rng: random.Random, tries: int = 100)
 def _places(objs: list[Obj]) -> str:
     """'at top left', 'at top left and center', 'at top left, center and bottom right', or 'nowhere'."""
     names = [place(o.row, o.col) for o in objs]
-    return "at " + " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) if names else "nowhere"
+    if not names:
+        return "nowhere"
+    return "at " + (f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0])
 
 
 def _reasoning(scene: Scene, q: Question) -> str:
-    """The step from the objects to the answer, for each TASK question."""
+    """The step from the objects to the answer: for every TASK question, and for the GENERAL ones that SFT rows
+    answer in a teacher's style (all but the description)."""
     ans = answer_for(scene, q.kind, q.args)
     if q.kind == "count_color":
         found = of_color(scene, q.args[0])
@@ -93,7 +96,8 @@ def _reasoning(scene: Scene, q: Question) -> str:
         return f"The object at the {place(o.row, o.col)} is the {o.name}, so its {q.kind[:-3]} is {ans}."
     if q.kind == "has_color":
         found = of_color(scene, q.args[0])
-        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}, so there is {'one' if found else 'none'}."
+        there = "one" if found else "none"
+        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}, so there is {there}."
     raise ValueError(f"the teachers do not answer {q.kind!r} questions step by step")
 
 
