@@ -104,10 +104,11 @@ class Config:
 # direction until every object gave the same image token. 600 SFT steps: after 300 (plain SFT answers) the
 # student named which cells held objects but the colour at each place at chance (0.35 of 4 colours); after 600
 # (the current SFT data) it describes 100 fresh scenes with every place and colour right.
-# The policy lr, KL weight and steps, measured from the 600-step SFT start (README): at 2e-5 the student barely
-# moves in 100 steps; at 2e-4 and 5e-4 the teachers' reasoning is imitated but beta = 0.01 lets the entropy of the
-# student's own samples run up (0.19 -> 3.5); beta = 0.1 holds it near 2. Imitation needs steps: 3e-4, beta 0.1
-# took held-out accuracy 0.23 -> 0.175 (step 50) -> 0.28 (100) -> 0.325 (150) -> 0.41 (200).
+# The policy lr, KL weight and steps, measured from the 600-step SFT start (README). 100 steps at 2e-5 lost accuracy
+# (0.23 -> 0.13); at 2e-4 and 5e-4 the student imitates the teachers' reasoning, but with beta = 0.01 the entropy
+# of its own samples runs up (0.19 -> 3.5); beta = 0.1 keeps it under 3, and it falls again as the samples come
+# right. Imitation needs steps more than lr: at 3e-4, beta 0.1 held-out accuracy went 0.23 -> 0.175 (step 50)
+# -> 0.28 (100) -> 0.325 (150) -> 0.41 (200), where 100 steps at 2e-4 or 5e-4 stopped at 0.31.
 EMBEDDED = dict(lr=3e-4, beta=0.1, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16, steps=200,
                 max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3, sft_batch_size=64,
                 disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,

@@ -22,13 +22,14 @@ def test_dry_run_commands(tmp_path, capsys):
         assert "--nproc_per_node=2" in line  # one 2-process run at a time by default
         assert reproduce.flag_value(args, "--beta") == "0"  # the configuration's flag wins over a common one
         assert reproduce.flag_value(args, "--steps") == "7" and reproduce.flag_value(args, "--stage") == "rl"
-        assert reproduce.flag_value(args, "--lr") == str(reproduce.LR)  # short runs: the grid's own lr
+        assert reproduce.flag_value(args, "--lr") is None  # ril.py's own lr
         assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}" and reproduce.flag_value(args, "--seed") == str(seed)
         assert ("--resume" in args) == (seed == 1)
     reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "1", "--out", str(tmp_path),
                     "--lr", "3e-5"])
     args = capsys.readouterr().out.split()
     assert args[1].endswith("ril.py") and reproduce.flag_value(args, "--lr") == "3e-5"  # plain python; --lr wins
+    assert reproduce.flag_value(args, "--steps") is None  # no --steps: ril.py's own
 
 
 @pytest.mark.parametrize("argv, message", [
