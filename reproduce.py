@@ -51,7 +51,6 @@ NPROC, PARALLEL = 2, 1
 # Every run takes ril.py's own settings: on the embedded task the default run's (200 steps, lr 3e-4, beta 0.1;
 # EMBEDDED in ril.py), with --student the paper's. Measured steps on two idle cores: RIL 2.5 s, Dr.GRPO ~0.75 s,
 # so a seed of the 9 configurations is ~1 h and the grid ~3 h (estimated; --steps N shortens every run).
-STEPS = None  # None: ril.py's default
 
 
 def run_name(name: str, seed: int) -> str:
@@ -136,7 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/grid", help="the grid's folder: one run folder per run, table.md, curves.png")
     p.add_argument("--only", default=",".join(GRID), help=f"comma-separated configurations (default all: {','.join(GRID)})")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
-    p.add_argument("--steps", type=int, default=STEPS, help="RL steps per run (default: ril.py's)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: ril.py's)")
     p.add_argument("--nproc", type=int, default=NPROC, help="processes per run (torchrun when > 1)")
     p.add_argument("--parallel", type=int, default=PARALLEL, help="runs at once")
     p.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")

@@ -73,9 +73,10 @@ def _reasoning(scene: Scene, q: Question) -> str:
     """The step from the objects to the answer: for every TASK question, and for the GENERAL ones that SFT rows
     answer in a teacher's style (all but the description)."""
     ans = answer_for(scene, q.kind, q.args)
-    if q.kind == "count_color":
+    if q.kind in ("count_color", "has_color"):
         found = of_color(scene, q.args[0])
-        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}."
+        counted = f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}"
+        return f"{counted}." if q.kind == "count_color" else f"{counted}, so there is {'one' if found else 'none'}."
     if q.kind == "compare":
         (a, b), (na, nb) = q.args, (len(of_color(scene, c)) for c in q.args)
         rel = "more than" if na > nb else "not more than"
@@ -94,10 +95,6 @@ def _reasoning(scene: Scene, q: Question) -> str:
     if q.kind in ("color_at", "shape_at"):
         o = at(scene, *q.args)
         return f"The object at the {place(o.row, o.col)} is the {o.name}, so its {q.kind[:-3]} is {ans}."
-    if q.kind == "has_color":
-        found = of_color(scene, q.args[0])
-        there = "one" if found else "none"
-        return f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}, so there is {there}."
     raise ValueError(f"the teachers do not answer {q.kind!r} questions step by step")
 
 
