@@ -21,10 +21,14 @@ import shutil
 import time
 from pathlib import Path
 
-from data.scenes import GENERAL_TYPES, ask, draw, random_scene
+from collections import Counter
+
+from data.dataset import blind_guesses, chance_levels
+from data.scenes import GENERAL_TYPES, TASK_TYPES, ask, balanced_task, draw, random_scene
 from data.teachers import TEACHERS, plain_response, styled_response, teacher_response
 
-SPLITS = {"sft": 4000, "train": 2000, "val": 200, "test": 500}  # questions per split (one scene each)
+SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}  # questions per split (one scene each); a test
+# accuracy of 1,000 questions has a 95% interval of about +-0.03
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 
 
@@ -33,11 +37,14 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
     rng = random.Random(f"{seed}-{split}")
     rows = []
     while len(rows) < n:
-        scene = random_scene(rng, grid)
-        if scene.signature() in exclude:
-            continue
+        if split == "sft":
+            scene = random_scene(rng, grid)
+            if scene.signature() in exclude:
+                continue
+            q = ask(scene, rng, rng.choice(GENERAL_TYPES))
+        else:  # TASK questions, answers balanced within each kind
+            scene, q = balanced_task(rng, grid, exclude)
         exclude.add(scene.signature())
-        q = ask(scene, rng, rng.choice(GENERAL_TYPES) if split == "sft" else None)
         rid = f"{split}-{len(rows):05d}"
         draw(scene).save(out / "images" / f"{rid}.png")
         row = {"id": rid, "image": f"images/{rid}.png", "question": q.text, "answer": q.answer, "kind": q.kind}
@@ -63,10 +70,28 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
         rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, seen if split != "test" else set(seen))
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    (tmp / "meta.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "grid": grid,
-                                               "per_teacher": per_teacher, "teachers": TEACHERS}, indent=1))
+    meta = {"seed": seed, "sizes": sizes, "grid": grid, "per_teacher": per_teacher, "teachers": TEACHERS,
+            "baselines": baselines(tmp, [s for s in order if s != "sft"])}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return out
+
+
+def baselines(folder: Path, splits: list[str]) -> dict:
+    """Chance and the blind baseline (data.dataset.blind_guesses: the training split's most common answer for the
+    question's text) per split and question kind, with the answers' counts, from the data alone."""
+    read = lambda split: [json.loads(line) for line in open(folder / f"{split}.jsonl", encoding="utf-8")]
+    train, out = read("train"), {}
+    for split in splits:
+        rows = read(split)
+        out[split] = {}
+        for kind in ("all",) + TASK_TYPES:
+            mine = [r for r in rows if kind in ("all", r["kind"])]
+            right = [g == r["answer"] for g, r in zip(blind_guesses(train, mine), mine)]
+            out[split][kind] = {"n": len(mine), "chance": sum(chance_levels(train, mine)) / max(1, len(mine)),
+                                "blind": sum(right) / max(1, len(mine)),
+                                "answers": dict(Counter(r["answer"] for r in mine).most_common())}
     return out
 
 

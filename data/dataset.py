@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -111,6 +112,35 @@ def load_image(path: str | None) -> Image.Image | None:
 def load_images(rows: list[dict]) -> list:
     """The images of dataset rows (None for text-only rows)."""
     return [load_image(r.get("image")) for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Baselines from the data alone (no model): what any accuracy is measured against
+
+
+def blind_guesses(train_rows: list[dict], rows: list[dict]) -> list[str]:
+    """The blind baseline's answer to each row: the training split's most common answer for the same question
+    text, else for the row's `kind`, else overall (ties: the answer met first). A student that never looks at
+    the picture can learn exactly this much from its training data."""
+    by_text, by_kind, overall = {}, {}, Counter()
+    for r in train_rows:
+        by_text.setdefault(r["question"], Counter())[r["answer"]] += 1
+        by_kind.setdefault(r.get("kind", ""), Counter())[r["answer"]] += 1
+        overall[r["answer"]] += 1
+    if not overall:
+        raise ValueError("blind_guesses: no training rows")
+    return [(by_text.get(r["question"]) or by_kind.get(r.get("kind", "")) or overall).most_common(1)[0][0]
+            for r in rows]
+
+
+def chance_levels(train_rows: list[dict], rows: list[dict]) -> list[float]:
+    """Chance for each row: one over the number of distinct answers its `kind` has in the training split
+    (a four-way choice: 1/4; yes/no: 1/2). Rows of a kind the training split lacks use every answer seen."""
+    answers, every = {}, set()
+    for r in train_rows:
+        answers.setdefault(r.get("kind", ""), set()).add(r["answer"])
+        every.add(r["answer"])
+    return [1 / len(answers.get(r.get("kind", "")) or every or {""}) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -174,38 +174,93 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+# Each TASK kind's answer set: a balanced split draws the answer uniformly from it first (balanced_task).
+ANSWERS = {"count_color": ("0", "1", "2", "3"), "compare": ("yes", "no"), "largest_color": tuple(COLORS),
+           "left_of": ("yes", "no"), "count_choice": tuple("ABCD")}
+CHOICE_START = (2, 3)  # a multiple-choice count lists (lo) lo .. (D) lo+3; with 2-6 objects every letter can be right
+
+
+def question_text(kind: str, args: tuple) -> str:
+    """The words of a question of `kind` about `args`."""
+    if kind in ("color_at", "shape_at"):
+        return f"What {'color' if kind == 'color_at' else 'shape'} is the object at the {place(*args)}?"
+    if kind == "has_color":
+        return f"Is there a {args[0]} object?"
+    if kind == "count_color":
+        return f"How many {args[0]} objects are there?"
+    if kind == "compare":
+        return f"Are there more {args[0]} objects than {args[1]} objects?"
+    if kind == "largest_color":
+        return "What color is the largest object?"
+    if kind == "left_of":
+        return f"Is the {args[0]} object to the left of the {args[1]} object?"
+    if kind == "count_choice":
+        return "How many objects are there? " + " ".join(f"({L}) {v}" for L, v in zip("ABCD", args))
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
 def ask(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
-    """A random TASK question about the scene (of `kind` if given, GENERAL kinds too) with its ground truth."""
+    """A random question about the scene (of `kind` if given, GENERAL kinds too) with its ground truth. The
+    answer follows from the scene, so its distribution is the scenes' (skewed); balanced_task draws it first."""
     kind = kind or rng.choice(TASK_TYPES)
     if kind == "describe":
-        args, text = (), rng.choice(DESCRIBE)
-    elif kind in ("color_at", "shape_at"):
+        return Question(kind, rng.choice(DESCRIBE), describe(scene))
+    if kind in ("color_at", "shape_at"):
         o = rng.choice(scene.objects)
         args = (o.row, o.col)
-        text = f"What {'color' if kind == 'color_at' else 'shape'} is the object at the {place(o.row, o.col)}?"
-    elif kind == "has_color":
+    elif kind in ("has_color", "count_color"):
         args = (rng.choice(list(COLORS)),)
-        text = f"Is there a {args[0]} object?"
-    elif kind == "count_color":
-        args = (rng.choice(list(COLORS)),)
-        text = f"How many {args[0]} objects are there?"
     elif kind == "compare":
         args = tuple(rng.sample(list(COLORS), 2))
-        text = f"Are there more {args[0]} objects than {args[1]} objects?"
     elif kind == "largest_color":
-        args, text = (), "What color is the largest object?"
+        args = ()
     elif kind == "left_of":
         unique = [o for o in scene.objects if len(of_color(scene, o.color)) == 1]
         pairs = [(a, b) for a in unique for b in unique if a.col != b.col]
         if not pairs:  # no two objects of unique colours in different columns: ask something else
             return ask(scene, rng, "count_color")
         a, b = rng.choice(pairs)
-        args, text = (a.color, b.color), f"Is the {a.color} object to the left of the {b.color} object?"
+        args = (a.color, b.color)
     elif kind == "count_choice":
         n = len(scene.objects)
         lo = rng.randint(max(1, n - 3), n)
         args = tuple(range(lo, lo + 4))
-        text = "How many objects are there? " + " ".join(f"({L}) {v}" for L, v in zip("ABCD", args))
     else:
         raise ValueError(f"unknown question kind {kind!r}")
-    return Question(kind, text, answer_for(scene, kind, args), args)
+    return Question(kind, question_text(kind, args), answer_for(scene, kind, args), args)
+
+
+def balanced_task(rng: random.Random, grid: int = GRID, exclude: set | frozenset = frozenset(),
+                  tries: int = 100_000) -> tuple[Scene, Question]:
+    """A TASK question and a scene that fits it, the answer drawn first: the kind, the question's words and
+    the answer are drawn uniformly (answer from ANSWERS[kind]), then random scenes until one has that answer
+    (rejection sampling; scenes whose signature is in `exclude` are skipped). Given a question's words, every
+    answer is then equally likely: a student that does not look at the picture can do no better than chance.
+
+        "How many red objects are there?"            answer uniform over 0, 1, 2, 3
+        "How many objects are there? (A) 3 ... (D) 6"  answer uniform over A-D (the scene has 3, 4, 5 or 6)
+    """
+    kind = rng.choice(TASK_TYPES)
+    target = rng.choice(ANSWERS[kind])
+    n_objects = None
+    if kind == "count_color":
+        args = (rng.choice(list(COLORS)),)
+    elif kind in ("compare", "left_of"):
+        args = tuple(rng.sample(list(COLORS), 2))
+    elif kind == "largest_color":
+        args = ()
+    else:  # count_choice: the options start at 2 or 3, the answer's letter fixes the number of objects
+        lo = rng.choice(CHOICE_START)
+        args = tuple(range(lo, lo + 4))
+        n_objects = args["ABCD".index(target)]
+    for _ in range(tries):
+        scene = random_scene(rng, grid, *((n_objects, n_objects) if n_objects else ()))
+        if scene.signature() in exclude:
+            continue
+        try:
+            answer = answer_for(scene, kind, args)
+        except ValueError:  # the question does not apply (left_of: a colour missing or repeated)
+            continue
+        if answer == target:
+            return scene, Question(kind, question_text(kind, args), answer, args)
+    raise RuntimeError(f"no scene answers {question_text(kind, args)!r} with {target!r} in {tries} tries")

@@ -2,14 +2,16 @@
 import filecmp
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from data.build import SFT_TEACHER_STYLE, build
+from data.build import SFT_TEACHER_STYLE, SPLITS, build
 from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
-from data.scenes import COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, describe, draw, random_scene
+from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe, draw,
+                         question_text, random_scene)
 from data.teachers import TEACHERS, plain_response, teacher_response
 from tests.conftest import SMALL
 
@@ -212,3 +214,30 @@ def test_tiny_student_round_trip_and_forward(tiny_student, embedded):
         again = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()(**enc, **img, mm_token_type_ids=mm)
     assert out.logits.shape == (1, enc.input_ids.shape[1], len(tok)) and torch.isfinite(out.logits).all()
     torch.testing.assert_close(out.logits, again.logits)
+
+
+def test_task_answers_are_balanced_within_each_kind():
+    """balanced_task draws the answer first: over 4,000 questions each kind's answers are uniform over its answer
+    set (every share within 4 points of 1/|set|), and so are the answers to one fixed question text."""
+    rng = random.Random(5)
+    drawn = [balanced_task(rng)[1] for _ in range(4000)]
+    for kind in TASK_TYPES:
+        answers = Counter(q.answer for q in drawn if q.kind == kind)
+        n = sum(answers.values())
+        assert set(answers) == set(ANSWERS[kind]), kind
+        assert all(abs(c / n - 1 / len(ANSWERS[kind])) < 0.04 for c in answers.values()), (kind, answers)
+    red = Counter(q.answer for q in drawn if q.text == "How many red objects are there?")
+    assert set(red) == {"0", "1", "2", "3"} and max(red.values()) / sum(red.values()) < 0.4, red
+    for q in drawn[:200]:  # the text says what was asked; the scene's answer agrees
+        assert q.text == question_text(q.kind, q.args)
+
+
+def test_blind_baseline_is_near_chance_in_every_split(embedded):
+    """meta.json records chance and the blind baseline per split and kind; with balanced answers the blind
+    baseline stays near chance (a few points of sampling noise on the small test splits)."""
+    meta = json.loads((embedded / "meta.json").read_text())["baselines"]
+    assert set(meta) == {"train", "val", "test"}
+    for split, kinds in meta.items():
+        assert kinds["all"]["n"] == SMALL[split] and set(kinds) == {"all", *TASK_TYPES}
+        assert abs(kinds["all"]["blind"] - kinds["all"]["chance"]) < 0.2, (split, kinds["all"])
+    assert SPLITS["test"] >= 1000 and SPLITS["val"] >= 500  # the default run's: a 95% interval of about +-0.03
