@@ -481,9 +481,15 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
         at = (start[:, None] + torch.arange(T, device=dev)).clamp(max=L - P)    # [N, T]
         at[:, 0] = 0
         logits = out[torch.arange(N, device=dev)[:, None] // k, at]             # [N, T, V]
-    logp = (logits.float() / temperature).log_softmax(-1)                     # [N, T, V]
+    # One support for sampling and scoring: the tokens `generate` never draws (placeholder_ids) get -inf here too,
+    # so no update can move probability onto them. Top-k, top-p and the repetition penalty are not applied: the
+    # log-probs are those of the untruncated distribution at `temperature`, as usual in RL for LLMs (truncation
+    # changes with the context and would make pi_theta / pi_old compare different supports token by token).
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[placeholder_ids(model)] = True                                       # [V]
+    logp = (logits.float() / temperature).masked_fill(banned, -float("inf")).log_softmax(-1)  # [N, T, V]
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
     if not return_entropy:
         return token_logp
-    entropy = -(logp.exp() * logp).sum(-1).masked_fill(~response_mask, 0.0)  # [N, T]
+    entropy = -(logp.exp() * logp.masked_fill(banned, 0.0)).sum(-1).masked_fill(~response_mask, 0.0)  # [N, T]
     return token_logp, entropy
