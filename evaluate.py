@@ -1,13 +1,17 @@
-"""Benchmarks and metrics: accuracy, pass@k, response length, reflection; run comparison tables and plots.
+"""Benchmarks and metrics: accuracy against chance and a blind baseline, pass@k, response length, reflection;
+run comparison tables with paired intervals, and plots.
 
-    python evaluate.py --model checkpoints/tiny-student --data data/embedded/test.jsonl --out eval.json
+    python evaluate.py --model checkpoints/tiny-sft --data data/embedded/test.jsonl --out eval.json
     python evaluate.py --model CKPT --data DATA.jsonl --discriminator CKPT_D    # + teacher-likeness
     python evaluate.py --compare runs/ril-s0 runs/ril-s1 runs/drgrpo-s0 --plot curves.png
 
-Evaluation follows MAYE's scheme (PAPERS.md, section 2): pass@1 greedy, pass@k sampled (k=8, T=1.0),
-pass@1 at T=0.6; response length in tokens; the share of responses with a parsable final answer; and
-MAYE's five reflection metrics. `evaluate_model` is also what ril.py calls for its held-out accuracy,
-so a number means the same thing in the training log and in this script's table.
+Evaluation follows MAYE's scheme (arXiv 2504.02587): pass@1 greedy, pass@k sampled (k=8, T=1.0), pass@1 at
+T=0.6; response length in tokens; the share of responses with a parsable final answer; and MAYE's five
+reflection metrics. Every accuracy comes with its n, a 95% Wilson interval, chance and the blind baseline (the
+training split's most common answer for the question's text: what a student that never looks at the picture
+gets), overall and per question kind (`accuracy_report`). `evaluate_model` and `accuracy_report` are also what
+ril.py calls, so a number means the same thing in the training log and in this script's table. Comparisons of
+runs give the difference in test accuracy with a 95% paired bootstrap interval (`paired_bootstrap`).
 """
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import rewards
 import rollout
-from data.dataset import load_images, load_jsonl
+from data.dataset import blind_guesses, chance_levels, load_images, load_jsonl
 
 # MAYE's reflection words, plus spelling variants and "double-check" (the embedded reflective teacher's
 # phrase). Matched case-insensitively as whole words: a letter, digit, "_" or "-" may not touch either
@@ -71,6 +76,81 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
     assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # math.comb is 0 when n - c < k
+
+
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (good near 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def accuracy_report(correct: list[float], rows: list[dict], train_rows: list[dict] | None = None) -> dict:
+    """Accuracy of per-row correctness `correct` (0/1, one per row) with what it must be read against: n, the 95%
+    Wilson interval, and, given the training split's rows, chance (one over the kind's answer count) and the
+    blind baseline (its most common answer for the question's text) with their intervals; the same per `kind`.
+    `correct` is kept, so two runs on the same rows can be compared question by question (paired_bootstrap)."""
+    assert len(correct) == len(rows), (len(correct), len(rows))
+    blind = chance = None
+    if train_rows:
+        blind = [float(rewards.answers_match(g, r["answer"])) for g, r in zip(blind_guesses(train_rows, rows), rows)]
+        chance = chance_levels(train_rows, rows)
+
+    def summary(idx: list[int]) -> dict:
+        n, k = len(idx), sum(correct[i] for i in idx)
+        out = {"n": n, "accuracy": k / max(1, n), "ci95": wilson_interval(k, n)}
+        if blind is not None:
+            out["chance"] = sum(chance[i] for i in idx) / max(1, n)
+            out["blind"] = sum(blind[i] for i in idx) / max(1, n)
+            out["blind_ci95"] = wilson_interval(sum(blind[i] for i in idx), n)
+        return out
+
+    kinds = sorted({r.get("kind", "") for r in rows})
+    report = summary(list(range(len(rows))))
+    if kinds != [""]:
+        report["per_kind"] = {kd: summary([i for i, r in enumerate(rows) if r.get("kind", "") == kd]) for kd in kinds}
+    return report | {"correct": [float(c) for c in correct]}
+
+
+def format_report(report: dict) -> str:
+    """'0.412 [0.382, 0.443], n=1000; chance 0.351, blind 0.340 [0.311, 0.370]' (blind parts only if known)."""
+    lo, hi = report["ci95"]
+    text = f"{report['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], n={report['n']}"
+    if "blind" in report:
+        blo, bhi = report["blind_ci95"]
+        text += f"; chance {report['chance']:.3f}, blind {report['blind']:.3f} [{blo:.3f}, {bhi:.3f}]"
+    return text
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], n_boot: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Difference in mean accuracy a - b and its 95% paired bootstrap interval. a, b: per-question correctness
+    [seeds][questions] of two configurations on the same questions (seed counts may differ). Each resample draws
+    the questions (the same ones for both: paired) and, for each configuration, its seeds, with replacement.
+
+        paired_bootstrap([[1, 1, 0, 1]], [[1, 0, 0, 1]])  ->  (0.25, 0.0, 0.75)
+    """
+    A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)           # [Sa, Q], [Sb, Q]
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+        raise ValueError(f"paired_bootstrap needs [seeds, questions] on the same questions, got {A.shape}, {B.shape}")
+    rng = np.random.default_rng(seed)
+    Q = A.shape[1]
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        q = rng.integers(0, Q, Q)                                           # [Q] the same questions for both
+        sa, sb = rng.integers(0, len(A), len(A)), rng.integers(0, len(B), len(B))
+        diffs[i] = A[sa][:, q].mean() - B[sb][:, q].mean()
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return float(A.mean() - B.mean()), float(lo), float(hi)
+
+
+def format_difference(diff: float, lo: float, hi: float) -> str:
+    """'+0.052 [+0.021, +0.083]', with 'not significant' when the interval covers 0."""
+    text = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return text + (" not significant" if lo <= 0 <= hi else "")
 
 
 # -----------------------------------------------------------------------------
@@ -143,6 +223,12 @@ def print_eval_table(results: dict):
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def default_train_data(data: str | Path) -> Path | None:
+    """The training split the blind baseline is computed from: train.jsonl beside the evaluated file, if any."""
+    path = Path(data).parent / "train.jsonl"
+    return path if path.is_file() and path.resolve() != Path(data).resolve() else None
+
+
 def evaluate_checkpoint(args) -> dict:
     """The three MAYE decoding settings on one checkpoint and one dataset; prints a table, writes JSON."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -154,6 +240,10 @@ def evaluate_checkpoint(args) -> dict:
     rows = load_jsonl(args.data)[:args.limit]
     if not rows:
         raise SystemExit(f"{args.data}: no rows to evaluate (--limit {args.limit})")
+    train_data = args.train_data or default_train_data(args.data)
+    train_rows = load_jsonl(train_data) if train_data else None
+    # the response cap the student was trained with (ril.py writes it into generation_config.json)
+    max_new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens or 1024
     disc = None
     if args.discriminator:
         from discriminator import Discriminator
@@ -164,22 +254,27 @@ def evaluate_checkpoint(args) -> dict:
                 "T=0.6": dict(temperature=0.6, num_samples=1)}
     results = {}
     for name, kw in settings.items():
-        results[name] = evaluate_model(model, tokenizer, image_processor, rows, max_new_tokens=args.max_new_tokens,
+        results[name] = evaluate_model(model, tokenizer, image_processor, rows, max_new_tokens=max_new_tokens,
                                        batch_size=args.batch_size, top_p=args.top_p, generator=generator,
                                        progress=True, **kw)
         if disc is not None:
             results[name]["teacher_like"] = teacher_likeness(disc, tokenizer, results[name]["responses"],
                                                              args.disc_max_len, args.batch_size)
-    print(f"{args.model} on {args.data} ({len(rows)} questions)")
+    greedy = accuracy_report(results["greedy"]["correct"], rows, train_rows)
+    print(f"{args.model} on {args.data} ({len(rows)} questions, at most {max_new_tokens} new tokens)")
     print_eval_table(results)
+    print(f"greedy accuracy: {format_report(greedy)}"
+          + ("" if train_rows else " (no training split found: no chance or blind baseline; --train-data)"))
+    for kind, r in greedy.get("per_kind", {}).items():
+        print(f"  {kind}: {format_report(r)}")
     summary = {"pass@1 greedy": results["greedy"]["accuracy"],
                f"pass@{args.k} T=1.0": results[f"pass@{args.k} T=1.0"][f"pass@{args.k}"],
                "pass@1 T=0.6": results["T=0.6"]["accuracy"]}
     report = {"model": str(args.model), "data": str(args.data), "n_questions": len(rows), "summary": summary,
-              "args": vars(args), "settings": results}
+              "greedy": greedy, "args": vars(args), "settings": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {args.out}")
     return report
 
@@ -250,21 +345,36 @@ def mean_std(values: list[float]) -> str:
     return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
 
 
-def compare_table(groups: dict[str, list[dict]], tail: int = 10) -> str:
-    """One markdown row per configuration: summary numbers, best held-out accuracy, final training numbers
-    (mean of the last `tail` logged values of each run), each as mean ± std over seeds."""
-    runs = [r for rs in groups.values() for r in rs]
-    scalars = ["accuracy_before", "accuracy_after"]
-    scalars += [k for r in runs for k, v in r["summary"].items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in scalars]
-    scalars = list(dict.fromkeys(scalars))
+def final_correct(run: dict, split: str = "test", which: str = "final") -> list[float] | None:
+    """Per-question correctness of a run's student (`final` or `start`) on a split, from its summary.json."""
+    return ((run["summary"].get(split) or {}).get(which) or {}).get("correct")
+
+
+def compare_table(groups: dict[str, list[dict]], reference: str | None = None, tail: int = 10) -> str:
+    """One markdown row per configuration, each number mean ± std over seeds: test accuracy of the start and of
+    the final student, the difference in final test accuracy against the `reference` configuration (default:
+    the first) with its 95% paired bootstrap interval (questions and seeds resampled; 'not significant' when it
+    covers 0), final val accuracy, the best val accuracy logged during training, and final training numbers
+    (mean of the last `tail` logged values of each run). Chance and the blind baseline head the table."""
+    reference = reference or next(iter(groups))
+    if reference not in groups:
+        raise SystemExit(f"--reference {reference!r}: no such configuration (have {list(groups)})")
+    ref = [c for r in groups[reference] if (c := final_correct(r))]
     finals = [k for k in CURVES if k != "eval/accuracy"]
-    header = ["run", "seeds"] + scalars + ["max eval/accuracy"] + [f"final {k}" for k in finals]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["run", "seeds", "test start", "test final", f"test final - {reference}", "val final",
+              "max eval/accuracy"] + [f"final {k}" for k in finals]
+    lines = []
+    first = next((r["summary"]["test"]["final"] for rs in groups.values() for r in rs
+                  if "blind" in ((r["summary"].get("test") or {}).get("final") or {})), None)
+    if first:
+        lines.append(f"Test split: n={first['n']}, chance {first['chance']:.3f}, blind baseline {first['blind']:.3f}.\n")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rs in groups.items():
-        cells = [label, str(len(rs))]
-        cells += [mean_std([r["summary"][k] for r in rs if isinstance(r["summary"].get(k), (int, float))])
-                  for k in scalars]
+        acc = lambda split, which: [sum(c) / len(c) for r in rs if (c := final_correct(r, split, which))]
+        cells = [label, str(len(rs)), mean_std(acc("test", "start")), mean_std(acc("test", "final"))]
+        mine = [c for r in rs if (c := final_correct(r))]
+        cells.append("–" if label == reference or not mine or not ref else format_difference(*paired_bootstrap(mine, ref)))
+        cells.append(mean_std(acc("val", "final")))
         cells.append(mean_std([max(v for _, v in s) for r in rs if (s := series(r["metrics"], "eval/accuracy"))]))
         for k in finals:
             cells.append(mean_std([statistics.fmean(v for _, v in s[-tail:]) for r in rs
@@ -324,21 +434,26 @@ def main(argv: list[str] | None = None):
     p.add_argument("--discriminator", help="discriminator checkpoint: adds teacher-likeness (p_student < 0.5)")
     p.add_argument("--disc-max-len", type=int, default=1024, help="discriminator input tokens (prompt + response)")
     p.add_argument("--out", help="where to write the JSON report")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--train-data", help="training split for chance and the blind baseline (default: train.jsonl "
+                   "beside --data)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response cap (default: the checkpoint's generation_config.json, as ril.py trained it)")
     p.add_argument("--k", type=int, default=8, help="samples per question for pass@k at T=1.0")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders (summary.json, metrics.jsonl)")
     p.add_argument("--plot", help="with --compare: write the training curves to this PNG")
+    p.add_argument("--reference", help="with --compare: the configuration differences are taken against "
+                   "(default: the first)")
     args = p.parse_args(argv)
     if args.plot and not args.compare:
         p.error("--plot needs --compare RUN [RUN ...]")
     if args.compare:
         groups = group_runs([load_run(r) for r in args.compare])
-        print(compare_table(groups))
+        print(compare_table(groups, args.reference))
         if args.plot:
             plot_runs(groups, args.plot)
             print(f"wrote {args.plot}")

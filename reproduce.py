@@ -5,10 +5,12 @@
     python reproduce.py --steps 40 -- --batch-size 8    # after --: flags for every ril.py run
     python reproduce.py --dry-run                       # print the commands, run nothing
 
-Every run is `ril.py --stage rl` from the same SFT student and the same pre-trained discriminator. On the
-embedded task those are checkpoints/tiny-sft and checkpoints/tiny-disc, built first when missing
-(`ril.py --stage sft`, `ril.py --stage disc`). With `--student PATH` after `--`, PATH is the SFT start and
-one discriminator is pre-trained from it into <out>/shared/discriminator (unless `--discriminator` is given).
+Every run is `ril.py --stage rl` from the same SFT student. Each configuration's discriminator is pre-trained
+from that student on the teachers the configuration imitates: one for both teachers, one for each single
+teacher. On the embedded task they are checkpoints/tiny-sft and checkpoints/tiny-disc[-teacher], built first
+when missing (`ril.py --stage sft`, `ril.py --stage disc [--teachers T]`). With `--student PATH` after `--`, PATH
+is the SFT start and the discriminators go to <out>/shared/discriminator[-teacher] (unless `--discriminator` is
+given, which ril.py then checks against each configuration's teachers).
 A run whose summary.json exists is skipped and one with a checkpoint is resumed, so an interrupted grid goes
 on where it stopped. Runs go seed-major (every configuration at seed 0 first): a grid cut short still gives
 one row per configuration. At the end evaluate.py's compare_table and plot_runs write <out>/table.md
@@ -75,26 +77,58 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return value
 
 
-def shared_stages(out: Path, extra: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """The commands that build the shared SFT start and discriminator when missing, as (log name, ril.py args),
-    and the flags that point every run at them."""
+def teachers_of(name: str) -> str:
+    """The --teachers value a configuration imitates ("" = every teacher in the data)."""
+    return flag_value(GRID[name], "--teachers") or ""
+
+
+def uses_disc(name: str) -> bool:
+    """Whether a configuration needs a pre-trained discriminator (RIL with a similarity reward)."""
+    return flag_value(GRID[name], "--algo") in (None, "ril") and flag_value(GRID[name], "--similarity") != "off"
+
+
+def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
+    """Where the discriminator for a set of teachers lives: on the embedded task ril.py's own place
+    (checkpoints/tiny-disc[-teachers], which ril.py keys the same way); with --student one per set under
+    <out>/shared; None when --discriminator is given (ril.py refuses it if it was pre-trained on other teachers)."""
+    suffix = f"-{teachers.replace(',', '+')}" if teachers else ""
+    if flag_value(extra, "--student") is None:
+        return TINY_DIR / f"tiny-disc{suffix}"
+    if flag_value(extra, "--discriminator") is not None:
+        return None
+    return out / "shared" / f"discriminator{suffix}"
+
+
+def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[str, list[str]]]:
+    """The commands that build what the runs share, when missing, as (log name, ril.py args): the SFT start on the
+    embedded task, then one discriminator per set of imitated teachers (each pre-trained on the teachers its
+    configurations imitate). ril.py itself pre-trains a discriminator again when its SFT start has changed."""
     shared = ["--out-dir", str(out), "--name", "shared"]
-    if flag_value(extra, "--student") is None:  # the embedded pipeline: fixed places under checkpoints/
-        todo = [] if (TINY_DIR / "tiny-sft" / "config.json").exists() else [("sft", ["--stage", "sft"])]
-        if todo or not (TINY_DIR / "tiny-disc" / "config.json").exists():  # a new SFT start needs a new D
-            todo.append(("disc", ["--stage", "disc"]))
-        return [(log, args + shared + extra) for log, args in todo], []
-    if flag_value(extra, "--discriminator") is not None:  # a real student with a given discriminator
-        return [], []
-    disc = out / "shared" / "discriminator"
-    todo = [] if (disc / "config.json").exists() else [("disc", ["--stage", "disc"] + shared + extra)]
-    return todo, ["--discriminator", str(disc)]
+    todo = []
+    if flag_value(extra, "--student") is None and not (TINY_DIR / "tiny-sft" / "config.json").exists():
+        todo.append(("sft", ["--stage", "sft"] + shared + extra))
+    for teachers in dict.fromkeys(teachers_of(n) for n in names if uses_disc(n)):
+        path = disc_dir(out, extra, teachers)
+        if path is not None and (todo or not (path / "config.json").exists()):
+            flags = (["--teachers", teachers] if teachers else []) + (
+                ["--discriminator", str(path)] if flag_value(extra, "--student") else [])
+            todo.append((f"disc{teachers and '-' + teachers.replace(',', '+')}",
+                         ["--stage", "disc"] + shared + extra + flags))
+    return todo
+
+
+def disc_flags(name: str, out: Path, extra: list[str]) -> list[str]:
+    """The flag that points one configuration's runs at its discriminator (with --student; the embedded
+    pipeline finds its own)."""
+    path = disc_dir(out, extra, teachers_of(name))
+    return ["--discriminator", str(path)] if uses_disc(name) and path and flag_value(extra, "--student") else []
 
 
 def run_args(name: str, seed: int, out: Path, common: list[str]) -> list[str]:
     """ril.py's arguments for one run: the common flags, then the configuration's (which a common flag cannot
     undo), then its identity. A run with a checkpoint but no summary was interrupted: it resumes."""
-    args = [*common, *GRID[name], "--stage", "rl", "--out-dir", str(out), "--name", run_name(name, seed),
+    args = [*common, *disc_flags(name, out, common), *GRID[name], "--stage", "rl", "--out-dir", str(out),
+            "--name", run_name(name, seed),
             "--seed", str(seed)]
     if (out / run_name(name, seed) / "checkpoints" / "latest").exists():
         args.append("--resume")
@@ -161,7 +195,7 @@ def main(argv=None) -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cpus // (args.nproc * args.parallel))  # intra-op threads per process: the cores, shared out
     common = [*(["--steps", str(args.steps)] if args.steps else []), *args.extra]
-    prep, disc_flags = shared_stages(out, args.extra)
+    prep = shared_stages(out, args.extra, args.names)
     runs = [(n, s) for s in args.seed_list for n in args.names]  # seed-major
     done = [r for r in runs if (out / run_name(*r) / "summary.json").exists()]
     todo = [r for r in runs if r not in done]
@@ -169,7 +203,7 @@ def main(argv=None) -> None:
         for log, a in prep:
             print(" ".join([*launcher(args.nproc * args.parallel), str(RIL), *a]))
         for r in todo:
-            print(" ".join([*launcher(args.nproc), str(RIL), *run_args(*r, out, common + disc_flags)]))
+            print(" ".join([*launcher(args.nproc), str(RIL), *run_args(*r, out, common)]))
         print(f"{len(todo)} runs to do, {len(done)} finished runs skipped")
         return
     print(f"{len(runs)} runs: {len(done)} finished (skipped), {len(todo)} to do, {args.parallel} at a time x "
@@ -180,7 +214,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"shared stage {log} failed:\n{tail(out / 'shared' / f'{log}.log')}")
     failed = []
     with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(todo), unit="run", desc="grid") as bar:
-        jobs = {pool.submit(launch, run_args(*r, out, common + disc_flags), out / run_name(*r) / "log.txt",
+        jobs = {pool.submit(launch, run_args(*r, out, common), out / run_name(*r) / "log.txt",
                             args.nproc, threads): r for r in todo}
         for job in as_completed(jobs):
             name = run_name(*jobs[job])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate
 from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
 
 
@@ -45,7 +47,8 @@ class Config:
     # what to train ("" = the embedded world, built on the first run)
     student: str = ""              # student checkpoint (HF folder); also pi_ref, the SFT model
     data: str = ""                 # RL questions with cached teacher responses (JSONL schema)
-    eval_data: str = ""            # held-out questions for accuracy before / after / during training
+    eval_data: str = ""            # validation questions: accuracy before / during / after training (tune on these)
+    test_data: str = ""            # test questions: the start and the final student, once, at the end of a run
     sft_data: str = ""             # SFT rows (`response` field) for --stage sft
     discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
     judge: str = ""                # text-only judge LLM for --answer-reward judge
@@ -90,8 +93,8 @@ class Config:
     out_dir: str = "runs"          # runs/<name>/ holds metrics.jsonl, summary.json, checkpoints/
     name: str = "ril"
     seed: int = 0
-    eval_every: int = 0            # held-out accuracy every N RL steps (0 = only before and after)
-    eval_limit: int = 0            # evaluate on the first N held-out rows (0 = all)
+    eval_every: int = 0            # validation accuracy every N RL steps (0 = only before and after)
+    eval_limit: int = 0            # evaluate on the first N validation rows (0 = all; the test split is always whole)
     save_every: int = 100          # checkpoint every N RL steps
     sample_every: int = 50         # print a few responses every N RL steps
     resume: bool = False           # continue runs/<name> from its latest checkpoint
@@ -111,7 +114,7 @@ class Config:
 # -> 0.28 (100) -> 0.325 (150) -> 0.41 (200), where 100 steps at 2e-4 or 5e-4 stopped at 0.31.
 EMBEDDED = dict(lr=3e-4, beta=0.1, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16, steps=200,
                 max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3, sft_batch_size=64,
-                disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2, eval_limit=200, save_every=50,
+                disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2, save_every=50,
                 sample_every=50)
 EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
 TINY_DIR = Path(__file__).parent / "checkpoints"
@@ -154,8 +157,10 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("--answer-reward judge needs --judge PATH (a text-only LLM checkpoint)")
     if cfg.answer_reward == "off" and (cfg.algo != "ril" or cfg.similarity == "off"):
         raise SystemExit("--answer-reward off leaves no reward (Algorithm 1 has only the answer reward)")
-    for key in ("student", "data", "eval_data", "sft_data", "discriminator", "judge"):
+    for key in ("student", "data", "eval_data", "test_data", "sft_data", "discriminator", "judge"):
         path = getattr(cfg, key)
+        if key == "discriminator" and cfg.stage == "disc":  # --stage disc writes it
+            continue
         if path and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
@@ -254,6 +259,15 @@ def all_sum(x: float | torch.Tensor) -> float:
     return t.item()
 
 
+def all_gather_list(values: list) -> list:
+    """Every rank's list, concatenated in rank order (one process: the list itself)."""
+    if not dist.is_initialized():
+        return list(values)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -334,6 +348,20 @@ def load_student(path: str, device: torch.device, trainable: bool = True, checkp
     return shard(model.train(trainable), device, keep_gathered and trainable), tok, proc
 
 
+def sampler_defaults(model, tok, cfg: Config) -> None:
+    """Make the student's generation_config (saved with it) describe the project's sampler, so that a saved
+    student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image /
+    video placeholders suppressed, EOS and pad set, the run's sampling settings and response cap as defaults."""
+    import rollout
+    gc = model.generation_config
+    gc.suppress_tokens = rollout.placeholder_ids(model)
+    gc.eos_token_id = rollout.eos_list(model, None) or [tok.eos_token_id]
+    gc.pad_token_id = tok.pad_token_id
+    gc.do_sample = cfg.temperature > 0
+    gc.temperature, gc.top_p, gc.top_k = (cfg.temperature, cfg.top_p, cfg.top_k) if gc.do_sample else (None,) * 3
+    gc.repetition_penalty, gc.max_new_tokens = cfg.repetition_penalty, cfg.max_new_tokens
+
+
 def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the student, the vision side (every parameter outside the language model and its head: the
     vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (as the paper)."""
@@ -385,21 +413,23 @@ def ensure_embedded(cfg: Config, rank: int) -> Config:
         build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
     barrier()
     return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
-                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "test.jsonl"),
+                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "val.jsonl"),
+                               test_data=cfg.test_data or str(EMBEDDED_DIR / "test.jsonl"),
                                sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
 
 
-def held_out_accuracy(model, tok, proc, rows: list[dict], cfg: Config) -> float:
-    """Greedy pass@1 on the held-out rows (evaluate.evaluate_model), rows split evenly over ranks."""
-    from evaluate import evaluate_model
-    rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
+def held_out(model, tok, proc, rows: list[dict], train_rows: list[dict], cfg: Config) -> dict:
+    """Greedy pass@1 on held-out rows, split evenly over ranks, as evaluate.accuracy_report: accuracy with n, its
+    95% interval, chance and the blind baseline (from the training rows), per question kind, and each row's
+    correctness (for paired comparisons)."""
     rank, world = get_rank(), world_size()
     per = math.ceil(len(rows) / world)
     mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]  # equal counts: FSDP needs the same calls
     n_real = max(0, min(per, len(rows) - rank * per))
-    res = evaluate_model(model, tok, proc, mine, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=32)
-    return all_sum(sum(res["correct"][:n_real])) / len(rows)
+    res = evaluate.evaluate_model(model, tok, proc, mine, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=32)
+    correct = all_gather_list(res["correct"][:n_real])                  # in row order: rank 0's rows first
+    return evaluate.accuracy_report(correct, rows, train_rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,6 +453,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     if rank == 0 and len(rows) < len(all_rows):
         print(f"sft: {len(all_rows) - len(rows)} of {len(all_rows)} rows have no `response`: skipped", flush=True)
     model, tok, proc = load_student(init, device, checkpointing=cfg.grad_checkpointing, keep_gathered=cfg.keep_gathered)
+    sampler_defaults(model, tok, cfg)
     opt = student_optimizer(model, cfg.sft_lr, cfg.vision_lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
     bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
@@ -456,6 +487,33 @@ def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
         return teacher_names(rows, cfg.teachers)
     except ValueError as e:
         raise SystemExit(f"{cfg.data}: {e}") from None
+
+
+ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it was pre-trained on
+
+
+def fingerprint(checkpoint: str) -> str:
+    """sha256 of a checkpoint's weight files: which student (which SFT run) a discriminator was built from."""
+    h = hashlib.sha256()
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
+    """Why the discriminator in `disc` does not belong to this run (pre-trained from another student or on other
+    teachers), or None. A discriminator without a record (pre-trained elsewhere) cannot be checked: None."""
+    record = Path(disc) / ORIGIN
+    if not record.exists():
+        return None
+    origin = json.loads(record.read_text())
+    if origin["teachers"] != sorted(names):
+        return f"it was pre-trained on the teachers {origin['teachers']}, this run imitates {sorted(names)}"
+    if origin["student"] != fingerprint(student):
+        return f"it was pre-trained from another student than {student} (a new SFT run?)"
+    return None
 
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
@@ -492,6 +550,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
               f" per rank: {stats['steps']} steps, {stats['seconds']:.0f}s, "
               f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
     save_pretrained(disc, out)
+    if rank == 0:  # which student and teachers it learnt to tell apart (disc_mismatch reads it)
+        (out / ORIGIN).write_text(json.dumps({"student": fingerprint(student), "teachers": sorted(names)}))
     barrier()
 
 
@@ -672,8 +732,11 @@ def latest_checkpoint(run: Path) -> Path | None:
 # main
 
 def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
-    """The RL stage; returns the summary (held-out accuracy before and after)."""
+    """The RL stage; returns the summary: validation and test accuracy of the start and of the final student,
+    each beside chance and the blind baseline (evaluate.accuracy_report), and the test gain with its paired
+    95% interval. The test split is read only here, at the end."""
     rows, eval_rows = load_jsonl(cfg.data), load_jsonl(cfg.eval_data) if cfg.eval_data else []
+    eval_rows = eval_rows[:cfg.eval_limit] if cfg.eval_limit else eval_rows
     ril = cfg.algo == "ril"
     names = imitated_teachers(cfg, rows) if ril else []
     if cfg.batch_size % world_size():
@@ -685,6 +748,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device,
                                                     checkpointing=cfg.grad_checkpointing,
                                                     keep_gathered=cfg.keep_gathered)
+    sampler_defaults(m["policy"], m["tok"], cfg)
     m["ref"] = load_student(student, device, trainable=False)[0] if cfg.beta else None
     m["popt"] = student_optimizer(m["policy"], cfg.lr, cfg.vision_lr_scale)
     if ril and cfg.similarity != "off":
@@ -698,13 +762,13 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         m["judge"] = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=torch.bfloat16 if device.type == "cuda"
                                                           else torch.float32).to(device).eval()
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    state = {"skipped": 0, "accuracy_before": None}
+    state = {"skipped": 0, "val_start": None}
     if ckpt:
         state = load_checkpoint(ckpt, m, gen)
     elif eval_rows:
-        state["accuracy_before"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+        state["val_start"] = held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)
         if rank == 0:
-            print(f"held-out accuracy before RL: {state['accuracy_before']:.3f}", flush=True)
+            print(f"val accuracy before RL: {evaluate.format_report(state['val_start'])}", flush=True)
     metrics_path = run / "metrics.jsonl"
     if rank == 0:  # a resumed run keeps only the rows up to its checkpoint
         kept = [l for l in (metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else [])
@@ -722,7 +786,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         sample = out.pop("_sample")
         out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None}, "time/step": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows:
-            out["eval/accuracy"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+            out["eval/accuracy"] = held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)["accuracy"]
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(out) + "\n")
@@ -738,10 +802,20 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
             if rank == 0:
                 print(f"SIGTERM: saved step {step + 1} and stopped", flush=True)
             sys.exit(0)
-    summary = {"accuracy_before": state["accuracy_before"], "skipped_steps": state["skipped"],
-               "config": dataclasses.asdict(cfg)}
+    summary = {"skipped_steps": state["skipped"], "config": dataclasses.asdict(cfg)}
     if eval_rows:
-        summary["accuracy_after"] = held_out_accuracy(m["policy"], m["tok"], m["proc"], eval_rows, cfg)
+        summary["val"] = {"start": state["val_start"],
+                          "final": held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)}
+    if cfg.test_data:  # once, at the end: the start (pi_ref) and the final student on every test row
+        test_rows = load_jsonl(cfg.test_data)
+        start = m["ref"] if m["ref"] is not None else load_student(student, device, trainable=False)[0]
+        summary["test"] = {"start": held_out(start, m["tok"], m["proc"], test_rows, rows, cfg),
+                           "final": held_out(m["policy"], m["tok"], m["proc"], test_rows, rows, cfg)}
+    for split in ("val", "test"):
+        if split in summary and summary[split]["start"]:
+            d, lo, hi = evaluate.paired_bootstrap([summary[split]["final"]["correct"]],
+                                                  [summary[split]["start"]["correct"]])
+            summary[split]["gain"] = {"diff": d, "ci95": [lo, hi]}
     return summary
 
 
@@ -763,11 +837,21 @@ def main(argv=None) -> None:
         elif not (Path(student) / "config.json").exists():
             raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                              "(or the whole pipeline) first")
-        disc = disc or str(TINY_DIR / "tiny-disc")
+        # one pre-trained discriminator per set of imitated teachers, rebuilt after a new SFT (disc_mismatch)
+        disc = disc or str(TINY_DIR / ("tiny-disc" + (f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else "")))
     elif cfg.stage == "sft":
         sft(cfg, cfg.student, run / "sft", device, rank)
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
-    if needs_disc and (cfg.stage == "disc" or not disc or not (Path(disc) / "config.json").exists()):
+    rebuild = False
+    if needs_disc and disc and (Path(disc) / "config.json").exists() and cfg.stage != "disc":
+        why = disc_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data))) if rank == 0 else None
+        rebuild = all_sum(float(why is not None)) > 0                   # rank 0 hashes, every rank decides
+        if rebuild and cfg.discriminator:
+            raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run with "
+                             "--stage disc")
+        if why:
+            print(f"{disc}: {why}: pre-training it again", flush=True)
+    if needs_disc and (rebuild or cfg.stage == "disc" or not disc or not (Path(disc) / "config.json").exists()):
         disc = disc or str(run / "discriminator")
         pretrain_discriminator(cfg, student, Path(disc), device, rank)
     if cfg.stage in ("all", "rl"):
@@ -775,8 +859,15 @@ def main(argv=None) -> None:
         summary["wall_clock_s"] = time.time() - t0
         if rank == 0:
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
-            print(f"held-out accuracy: before {summary['accuracy_before']} -> after {summary.get('accuracy_after')} "
-                  f"({summary['wall_clock_s']:.0f}s, {summary['skipped_steps']} skipped steps)", flush=True)
+            print(f"{summary['wall_clock_s']:.0f}s, {summary['skipped_steps']} skipped steps", flush=True)
+            for split in ("val", "test"):
+                for which in ("start", "final"):
+                    if (summary.get(split) or {}).get(which):
+                        print(f"{split} {which:5s}: {evaluate.format_report(summary[split][which])}", flush=True)
+                if "gain" in summary.get(split, {}):
+                    gain = summary[split]["gain"]
+                    print(f"{split} gain : {evaluate.format_difference(gain['diff'], *gain['ci95'])} "
+                          "(final - start, paired 95% interval)", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

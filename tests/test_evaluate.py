@@ -13,7 +13,7 @@ from PIL import Image
 import evaluate
 import rewards
 import rollout
-from data.dataset import load_jsonl
+from data.dataset import blind_guesses, chance_levels, load_jsonl
 from evaluate import evaluate_model, is_reflective, pass_at_k, reflection_metrics
 
 # -----------------------------------------------------------------------------
@@ -124,11 +124,17 @@ def test_evaluate_model_bookkeeping(monkeypatch):
 # --compare and --plot on fake runs
 
 
+def fake_report(acc, n=20):
+    """accuracy_report's fields a comparison reads: the first round(acc * n) of n questions right."""
+    correct = [1.0] * round(acc * n) + [0.0] * (n - round(acc * n))
+    return {"n": n, "accuracy": acc, "chance": 0.25, "blind": 0.3, "correct": correct}
+
+
 def write_run(path, name, algo, seed, acc_before, acc_after, offset, kl=True, junk=False):
     path.mkdir(parents=True)
     config = {"name": name, "algo": algo, "seed": seed, "lr": 1e-6, "out_dir": str(path)}
-    path.joinpath("summary.json").write_text(json.dumps(
-        {"accuracy_before": acc_before, "accuracy_after": acc_after, "config": config}))
+    split = {"start": fake_report(acc_before), "final": fake_report(acc_after)}
+    path.joinpath("summary.json").write_text(json.dumps({"val": split, "test": split, "config": config}))
     with open(path / "metrics.jsonl", "w") as f:
         for step in range(20):
             row = {"step": step, "reward/answer": 0.4 + 0.01 * step + offset, "reward/similarity": 0.2 + offset,
@@ -164,8 +170,10 @@ def test_compare_and_plot(tmp_path, capsys, kl, size):
     ril, dr = rows["ril"], rows["drgrpo"]
     sd = statistics.stdev([0.4, 0.5])  # the same spread for before, after and max eval accuracy
     assert ril["seeds"] == "2" and dr["seeds"] == "1"
-    assert ril["accuracy_before"] == f"0.450 ± {sd:.3f}" and ril["accuracy_after"] == f"0.650 ± {sd:.3f}"
-    assert dr["accuracy_before"] == "0.400" and dr["accuracy_after"] == "0.550"
+    assert ril["test start"] == f"0.450 ± {sd:.3f}" and ril["test final"] == f"0.650 ± {sd:.3f}"
+    assert dr["test start"] == "0.400" and dr["test final"] == "0.550" and ril["val final"] == ril["test final"]
+    assert ril["test final - ril"] == "–" and dr["test final - ril"].startswith("-0.100 [")  # 0.55 - (0.6 + 0.7) / 2
+    assert "Test split: n=20, chance 0.250, blind baseline 0.300." in out
     best = [a + (b - a) * 19 / 19 for a, b in ((0.4, 0.6), (0.5, 0.7))]  # eval at step 19 is the best
     assert ril["max eval/accuracy"] == f"{statistics.fmean(best):.3f} ± {statistics.stdev(best):.3f}"
     final = [statistics.fmean(0.4 + 0.01 * s + o for s in range(10, 20)) for o in (0.0, 0.1)]  # last 10 steps
@@ -219,3 +227,58 @@ def test_cli_writes_json(tiny_student, embedded, tmp_path, capsys):
     assert greedy["teacher_like"] == 0.0  # undecided (p = 0.5) is not teacher-like: the r_sim rule p < 0.5
     for key in ("answer_rate", "length_mean", "length_std", "reflection_ratio", "accuracy_non_reflective"):
         assert key in greedy
+
+
+# -----------------------------------------------------------------------------
+# numbers beside every accuracy: interval, chance, blind baseline, paired differences
+
+
+def test_wilson_interval_against_known_values():
+    """Wilson score intervals (z = 1.96) as published tables give them."""
+    assert evaluate.wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert evaluate.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluate.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+def test_blind_baseline_and_chance_equal_a_hand_count():
+    """Blind: the training split's most common answer for the same text, else for the kind. Chance: one over the
+    kind's distinct training answers."""
+    row = lambda q, a, kind: {"question": q, "answer": a, "kind": kind}
+    train = [row("How many red?", "1", "count"), row("How many red?", "1", "count"), row("How many red?", "2", "count"),
+             row("How many blue?", "0", "count"), row("How many blue?", "3", "count"), row("How many blue?", "3", "count"),
+             row("Red left of blue?", "yes", "left"), row("Red left of blue?", "no", "left"),
+             row("Green left of red?", "no", "left")]
+    rows = [row("How many red?", "1", "count"),       # guess 1: right
+            row("How many red?", "2", "count"),       # guess 1: wrong
+            row("How many blue?", "3", "count"),      # guess 3: right
+            row("How many green?", "3", "count"),     # new text: the kind's most common, 1 (3 times) or 3 (2): wrong
+            row("Green left of red?", "yes", "left"),  # guess no: wrong
+            row("Blue left of green?", "no", "left")]  # new text: the kind's most common, no: right
+    assert blind_guesses(train, rows) == ["1", "1", "3", "1", "no", "no"]
+    assert chance_levels(train, rows) == [1 / 4] * 4 + [1 / 2] * 2
+    r = evaluate.accuracy_report([1, 1, 0, 0, 1, 1], rows, train)
+    assert r["n"] == 6 and r["accuracy"] == pytest.approx(4 / 6) and r["blind"] == pytest.approx(3 / 6)
+    assert r["chance"] == pytest.approx((4 / 4 + 2 / 2) / 6) and r["ci95"] == evaluate.wilson_interval(4, 6)
+    assert r["per_kind"]["count"] == {"n": 4, "accuracy": 0.5, "ci95": evaluate.wilson_interval(2, 4), "chance": 0.25,
+                                      "blind": 0.5, "blind_ci95": evaluate.wilson_interval(2, 4)}
+    assert r["per_kind"]["left"]["blind"] == 0.5 and r["correct"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert "0.667 [" in evaluate.format_report(r) and "blind 0.500" in evaluate.format_report(r)
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_noise():
+    """Synthetic runs on 1,000 questions: b is a with 100 more right answers (significant); c differs from a on 30
+    questions, 15 each way (not significant). Several seeds resample too."""
+    rng = np.random.default_rng(0)
+    a = (rng.random(1000) < 0.5).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:100]] = 1.0
+    diff, lo, hi = evaluate.paired_bootstrap([b], [a], n_boot=2000)
+    assert diff == pytest.approx(0.1) and 0.07 < lo < 0.1 < hi < 0.13            # paired: far tighter than +-0.044
+    assert "not significant" not in evaluate.format_difference(diff, lo, hi)
+    c = a.copy()
+    c[np.flatnonzero(a == 0)[:15]] = 1.0
+    c[np.flatnonzero(a == 1)[:15]] = 0.0
+    diff, lo, hi = evaluate.paired_bootstrap([c, a], [a, a, a], n_boot=2000)
+    assert diff == 0.0 and lo < 0 < hi and evaluate.format_difference(diff, lo, hi).endswith("not significant")
+    with pytest.raises(ValueError):
+        evaluate.paired_bootstrap([[1, 0]], [[1, 0, 1]])

@@ -32,6 +32,23 @@ def test_dry_run_commands(tmp_path, capsys):
     assert reproduce.flag_value(args, "--steps") is None  # no --steps: ril.py's own
 
 
+def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, capsys):
+    """Single-teacher configurations get a discriminator pre-trained on that teacher only; both-teacher ones share
+    one; the baselines need none."""
+    reproduce.main(["--dry-run", "--only", "grpo,ril-methodical,ril-both,frozen-disc", "--seeds", "0",
+                    "--out", str(tmp_path), "--", "--student", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    prep = [line.split() for line in lines if "--stage disc" in " ".join(line.split())]
+    assert [(reproduce.flag_value(a, "--teachers"), reproduce.flag_value(a, "--discriminator")) for a in prep] == \
+        [("methodical", str(tmp_path / "shared" / "discriminator-methodical")),
+         (None, str(tmp_path / "shared" / "discriminator"))]
+    runs = {reproduce.flag_value(a, "--name"): a for a in (line.split() for line in lines if "--stage rl" in line)}
+    assert reproduce.flag_value(runs["ril-methodical-s0"], "--discriminator").endswith("discriminator-methodical")
+    assert reproduce.flag_value(runs["ril-both-s0"], "--discriminator").endswith("shared/discriminator")
+    assert reproduce.flag_value(runs["frozen-disc-s0"], "--discriminator").endswith("shared/discriminator")
+    assert reproduce.flag_value(runs["grpo-s0"], "--discriminator") is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--only", "ril,grpo"], "unknown configuration"),
     (["--seeds", "0,x"], "comma-separated integers"),
@@ -49,7 +66,7 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     argv = ["--only", "grpo,ril-both", "--seeds", "0,1", "--steps", "1", "--nproc", "1", "--parallel", "2",
             "--out", str(out), "--eval-limit", "4", "--",
             "--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
-            "--eval-data", str(embedded / "test.jsonl"), "--batch-size", "2", "--group-size", "2",
+            "--eval-data", str(embedded / "val.jsonl"), "--test-data", str(embedded / "test.jsonl"), "--batch-size", "2", "--group-size", "2",
             "--max-new-tokens", "16", "--max-disc-len", "64", "--micro-batch", "8", "--sample-every", "0",
             "--save-every", "0", "--disc-steps", "1", "--disc-questions", "4", "--disc-samples", "1",
             "--disc-batch-size", "4"]
@@ -67,7 +84,8 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     assert sorted(r.split("|")[1].strip() for r in rows) == ["grpo", "ril-both"]  # the seeds of a configuration together
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert cells[1] == "2" and re.fullmatch(r"\S+ ± \S+", cells[2])  # 2 seeds, accuracy_before as mean ± std
+        assert cells[1] == "2" and re.fullmatch(r"\S+ ± \S+", cells[2])  # 2 seeds, test start as mean ± std
+    assert "Test split: n=40, chance" in table  # the baselines head the table
 
     img = Image.open(out / "curves.png")
     assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10

@@ -158,3 +158,106 @@ def test_sft_visits_every_row_once_per_epoch(tiny_student, embedded, tmp_path, m
     ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
     rows = [json.loads(line) for line in open(embedded / "sft.jsonl")]
     assert sorted(seen) == sorted(r["question"] for r in rows)
+
+
+def test_saved_student_generates_like_the_sampler(tiny_student, embedded, tmp_path, batch, one_thread):
+    """A student saved by ril.py carries a generation_config.json that makes plain `from_pretrained` + `generate`
+    behave like rollout.generate: placeholders suppressed, EOS and pad set, the run's sampling settings and
+    response cap. Greedy transformers output (nothing passed but do_sample=False) equals rollout's greedy output."""
+    import rollout
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"), "--stage",
+                            "sft", "--sft-steps", "2", "--sft-batch-size", "4", "--max-new-tokens", "16"])
+    ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sft").eval()
+    tok, ip = AutoTokenizer.from_pretrained(tmp_path / "sft"), AutoImageProcessor.from_pretrained(tmp_path / "sft")
+    gc = model.generation_config
+    assert gc.suppress_tokens == rollout.placeholder_ids(model) and len(gc.suppress_tokens) == 2
+    assert gc.pad_token_id == tok.pad_token_id and tok.convert_tokens_to_ids("<|im_end|>") in gc.eos_token_id
+    assert (gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.repetition_penalty, gc.max_new_tokens) == \
+        (True, 1.0, 0.95, 50, 1.05, 16)
+    p = rollout.encode_prompts(tok, ip, *batch)
+    ours = rollout.generate(model, p, max_new_tokens=16, temperature=0, repetition_penalty=1.05)
+    theirs = model.generate(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
+                            mm_token_type_ids=p["mm_token_type_ids"], do_sample=False,
+                            **rollout.vision_inputs(p))[:, p["input_ids"].shape[1]:]
+    for row, mask, hf in zip(ours.response_ids, ours.response_mask, theirs):
+        n = int(mask.sum())
+        assert torch.equal(row[:n], hf[:n]) and (hf[n:] == gc.pad_token_id).all(), (row, hf)
+
+
+def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, batch, one_thread, monkeypatch):
+    """Eq. 2 with every sample's advantage strongly negative pushes down what was sampled. Scored over the
+    sampler's support, the placeholders (which it never draws) get no gradient: the LM head's rows for them stay
+    bit for bit. Scored over the whole vocabulary
+    (placeholder_ids patched to nothing), the same steps move those rows: the test can tell the two apart."""
+    import rollout
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    banned = None
+
+    def steps():
+        model = AutoModelForImageTextToText.from_pretrained(tiny_student)
+        nonlocal banned
+        banned = rollout.placeholder_ids(model) or [model.config.image_token_id, model.config.video_token_id]
+        p = rollout.encode_prompts(tok, ip, *batch)
+        out = rollout.generate(model, p, max_new_tokens=8, num_samples=2, generator=torch.Generator().manual_seed(0))
+        before = model.lm_head.weight[banned].detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        for _ in range(3):
+            logp, ent = rollout.response_logprobs(model, p, out.response_ids, out.response_mask, return_entropy=True)
+            adv = torch.full((logp.shape[0],), -5.0)
+            loss, _ = ril.policy_loss(logp, logp.detach(), None, adv, out.response_mask, beta=0.0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert torch.isfinite(ent).all() and torch.isfinite(logp).all()
+        return model.lm_head.weight[banned].detach(), before
+
+    after, before = steps()
+    assert torch.equal(after, before)
+    monkeypatch.setattr(rollout, "placeholder_ids", lambda model: [])
+    after, before = steps()
+    assert not torch.equal(after, before)
+
+
+def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
+    """A discriminator records the student and teachers it was pre-trained on; another student (a new SFT run)
+    or other teachers are caught, and a given --discriminator that does not fit stops the run with the reason."""
+    common, out = small_run
+    disc = common[common.index("--discriminator") + 1]
+    origin = json.loads((Path(disc) / ril.ORIGIN).read_text())
+    assert origin == {"student": ril.fingerprint(str(tiny_student)), "teachers": ["methodical", "reflective"]}
+    assert ril.disc_mismatch(disc, str(tiny_student), ["reflective", "methodical"]) is None
+    assert "teachers" in ril.disc_mismatch(disc, str(tiny_student), ["methodical"])
+    new_sft = tmp_path / "new-sft"  # the same files with one weight changed: another student
+    new_sft.mkdir()
+    for f in Path(tiny_student).iterdir():
+        (new_sft / f.name).write_bytes(f.read_bytes())
+    w = weights(new_sft)
+    w["lm_head.weight"][0, 0] += 1.0
+    from safetensors.torch import save_file
+    save_file(w, str(new_sft / "model.safetensors"), metadata={"format": "pt"})
+    assert "another student" in ril.disc_mismatch(disc, str(new_sft), ["methodical", "reflective"])
+    args = [a if a != tiny_student else new_sft for a in common]
+    p = run(args + ["--stage", "rl", "--name", "stale", "--steps", 1], check=False)
+    assert p.returncode != 0 and "another student" in p.stderr and "--stage disc" in p.stderr
+
+
+def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embedded, tmp_path, monkeypatch,
+                                                             one_thread):
+    """--teachers methodical: the discriminator is pre-trained on that teacher's cached responses only (all 4 per
+    question) and records it."""
+    import discriminator
+    seen = {}
+
+    def fake_pretrain(disc, opt, tok, student_texts, teacher_texts, **kw):
+        seen["teacher"] = teacher_texts
+        return {"steps": 0, "seconds": 0.0, "accuracy": 0.0}
+    monkeypatch.setattr(discriminator, "pretrain", fake_pretrain)
+    cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"), "--teachers",
+                            "methodical", "--disc-questions", "6", "--disc-samples", "1", "--max-new-tokens", "8"])
+    ril.pretrain_discriminator(cfg, str(tiny_student), tmp_path / "disc", torch.device("cpu"), rank=0)
+    assert len(seen["teacher"]) == 6 * 4 and all(t.startswith(("Let me look", "First I list", "Step 1"))
+                                                 for t in seen["teacher"])  # the methodical teacher's openers
+    assert json.loads((tmp_path / "disc" / ril.ORIGIN).read_text())["teachers"] == ["methodical"]
