@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import rewards
 import rollout
 from data.dataset import blind_guesses, chance_levels, load_images, load_jsonl
@@ -202,6 +203,21 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
     return result
 
 
+def held_out(model, tokenizer, image_processor, rows: list[dict], train_rows: list[dict],
+             max_new_tokens: int) -> dict:
+    """Greedy pass@1 on held-out rows as accuracy_report gives it, the rows split evenly over the ranks of a
+    torchrun job (every rank calls it; FSDP needs the same calls on every rank, so the last rank pads its share
+    with rows it does not count)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    per = math.ceil(len(rows) / world)
+    mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]
+    n_real = max(0, min(per, len(rows) - rank * per))
+    res = evaluate_model(model, tokenizer, image_processor, mine, temperature=0.0, max_new_tokens=max_new_tokens,
+                         batch_size=32)
+    correct = distributed.all_gather_list(res["correct"][:n_real])      # in row order: rank 0's rows first
+    return accuracy_report(correct, rows, train_rows)
+
+
 def teacher_likeness(disc, tokenizer, responses: list[str], max_len: int, batch_size: int) -> float:
     """Share of responses the discriminator judges teacher-like (p_student < 0.5, the r_sim rule).
     D is built from the student, so the student's tokenizer is used."""
@@ -348,6 +364,29 @@ def mean_std(values: list[float]) -> str:
 def final_correct(run: dict, split: str = "test", which: str = "final") -> list[float] | None:
     """Per-question correctness of a run's student (`final` or `start`) on a split, from its summary.json."""
     return ((run["summary"].get(split) or {}).get(which) or {}).get("correct")
+
+
+def add_gains(summary: dict) -> dict:
+    """For each split of a run summary with a start and a final report: final - start with its paired 95% interval."""
+    for split in ("val", "test"):
+        part = summary.get(split) or {}
+        if part.get("start") and part.get("final"):
+            diff, lo, hi = paired_bootstrap([part["final"]["correct"]], [part["start"]["correct"]])
+            part["gain"] = {"diff": diff, "ci95": [lo, hi]}
+    return summary
+
+
+def print_run_summary(summary: dict) -> None:
+    """The accuracies of a run's summary.json, one line each, and the gains."""
+    print(f"{summary['wall_clock_s']:.0f}s, {summary['skipped_steps']} skipped steps", flush=True)
+    for name in ("val", "test"):
+        split = summary.get(name) or {}
+        for which in ("start", "final"):
+            if split.get(which):
+                print(f"{name} {which:5s}: {format_report(split[which])}", flush=True)
+        if "gain" in split:
+            diff = format_difference(split["gain"]["diff"], *split["gain"]["ci95"])
+            print(f"{name} gain : {diff} (final - start, paired 95% interval)", flush=True)
 
 
 def compare_table(groups: dict[str, list[dict]], reference: str | None = None, tail: int = 10) -> str:

@@ -1,54 +1,57 @@
-"""RIL: unified reinforcement and imitation learning for vision-language models (Algorithm 2).
+"""RIL: unified reinforcement and imitation learning for vision-language models (arXiv 2510.19307, Algorithm 2).
 
     torchrun --nproc_per_node=2 ril.py                   # the embedded run: builds what is missing, trains
     python ril.py --algo drgrpo                          # Algorithm 1 baseline, one process
     torchrun --nproc_per_node=8 ril.py --student /ckpt/Qwen2.5-VL-7B-Instruct --data rl.jsonl \
-        --eval-data test.jsonl --answer-reward judge --judge /ckpt/Qwen2.5-32B-Instruct
+        --eval-data val.jsonl --test-data test.jsonl --answer-reward judge --judge /ckpt/Qwen2.5-32B-Instruct
 
-Per batch of questions (Algorithm 2):
+Per batch of questions (Algorithm 2, `rl_step`):
   1. pi_old <- pi_theta
   2. G student samples per question (rollout.generate) + G cached teacher responses  -> a group of 2G
   3. mu discriminator steps on the 2G responses (Eq. 1)
   4. R = r_sim + r_ans for all 2G, A_i = R_i - mean_j R_j over the group (Dr.GRPO: no std)
   5. mu policy steps on the clipped surrogate with a KL penalty (Eq. 2), teacher responses included
 `--algo grpo|drgrpo` runs Algorithm 1 in the same code: G student samples, answer reward only.
+The file reads top to bottom: Config, Eq. 2, the stages (SFT, discriminator pre-training), the RL step, the
+loop, main. The torchrun / FSDP2 plumbing is in distributed.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
-import os
 import random
 import re
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+import discriminator
+import distributed
 import evaluate
+import rewards as R
+import rollout
+from data.build import build_missing
 from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
 
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Config
+
 
 @dataclass
 class Config:
     # what to train ("" = the embedded world, built on the first run)
     student: str = ""              # student checkpoint (HF folder); also pi_ref, the SFT model
     data: str = ""                 # RL questions with cached teacher responses (JSONL schema)
-    eval_data: str = ""            # validation questions: accuracy before / during / after training (tune on these)
-    test_data: str = ""            # test questions: the start and the final student, once, at the end of a run
+    eval_data: str = ""            # validation questions: accuracy before / during / after RL (tune on these)
+    test_data: str = ""            # test questions: start and final student, once, at the end of a run
     sft_data: str = ""             # SFT rows (`response` field) for --stage sft
     discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
     judge: str = ""                # text-only judge LLM for --answer-reward judge
@@ -66,18 +69,17 @@ class Config:
     temperature: float = 1.0       # sampling temperature
     top_p: float = 0.95            # nucleus sampling
     top_k: int = 50                # top-k sampling
-    repetition_penalty: float = 1.05
+    repetition_penalty: float = 1.05  # transformers' repetition penalty while sampling
     lr: float = 1e-6               # student learning rate
     disc_lr: float = 1e-6          # discriminator learning rate (pre-training and RL)
     batch_size: int = 144          # questions per step, all ranks together
     steps: int = 1000              # RL steps
-    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO's)
     max_new_tokens: int = 1024     # response length cap (also Dr.GRPO's constant normaliser)
     max_disc_len: int = 1024       # discriminator input cap, in tokens (longer: cut from the left)
     micro_batch: int = 32          # sequences per forward/backward (gradient accumulation within a step)
     grad_checkpointing: bool = False  # recompute activations in backward (real 3B/7B students need it)
-    keep_gathered: bool = False    # FSDP2 reshard_after_forward=False for trained models: one all-gather fewer per
-                                   # layer and step, the gathered weights held from forward to backward (memory)
+    keep_gathered: bool = False    # FSDP2: keep a layer's gathered weights from forward to backward (memory)
     grad_clip: float = 1.0         # max gradient norm
     vision_lr_scale: float = 1.0   # the vision tower's (and projector's) lr as a fraction of --lr / --sft-lr
     # SFT warm start and discriminator pre-training
@@ -91,33 +93,27 @@ class Config:
     disc_samples: int = 16         # student samples per such question (the paper's N = 16)
     # bookkeeping
     out_dir: str = "runs"          # runs/<name>/ holds metrics.jsonl, summary.json, checkpoints/
-    name: str = "ril"
-    seed: int = 0
+    name: str = "ril"              # the run's folder name under --out-dir
+    seed: int = 0                  # seeds sampling, batches and teacher slots
     eval_every: int = 0            # validation accuracy every N RL steps (0 = only before and after)
-    eval_limit: int = 0            # evaluate on the first N validation rows (0 = all; the test split is always whole)
+    eval_limit: int = 0            # evaluate the first N validation rows (0 = all; test is always whole)
     save_every: int = 100          # checkpoint every N RL steps
-    sample_every: int = 50         # print a few responses every N RL steps
+    sample_every: int = 50         # print a response every N RL steps
     resume: bool = False           # continue runs/<name> from its latest checkpoint
 
 
-# The embedded run trains a 1.2M-parameter model from scratch on two CPU cores in minutes: it needs larger
-# learning rates than a pre-trained 7B model and far fewer, shorter steps. These values replace the paper's
-# defaults only when no --student is given, and only for flags not set on the command line. The vision tower
-# moves at a tenth of the lr: at the full SFT lr its patch embedding grew one shared "an object is here"
-# direction until every object gave the same image token. 600 SFT steps: after 300 (plain SFT answers) the
-# student named which cells held objects but the colour at each place at chance (0.35 of 4 colours); after 600
-# (the current SFT data) it describes 100 fresh scenes with every place and colour right.
-# The policy lr, KL weight and steps, measured from the 600-step SFT start (README). 100 steps at 2e-5 lost accuracy
-# (0.23 -> 0.13); at 2e-4 and 5e-4 the student imitates the teachers' reasoning, but with beta = 0.01 the entropy
-# of its own samples runs up (0.19 -> 3.5); beta = 0.1 keeps it under 3, and it falls again as the samples come
-# right. Imitation needs steps more than lr: at 3e-4, beta 0.1 held-out accuracy went 0.23 -> 0.175 (step 50)
-# -> 0.28 (100) -> 0.325 (150) -> 0.41 (200), where 100 steps at 2e-4 or 5e-4 stopped at 0.31.
-EMBEDDED = dict(lr=3e-4, beta=0.1, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16, steps=200,
-                max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3, sft_batch_size=64,
-                disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2, save_every=50,
-                sample_every=50)
+# The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
+# learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults only
+# when no --student is given, and only for flags not set on the command line. How they were chosen: docs/LOG.md.
+EMBEDDED = dict(lr=3e-4, beta=0.1, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16,
+                steps=200, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
+                sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
+                save_every=50, sample_every=50)
 EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
 TINY_DIR = Path(__file__).parent / "checkpoints"
+CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
+               similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
+               loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 def parse_config(argv=None) -> Config:
@@ -131,7 +127,8 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=notes.get(f.name))
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=argparse.SUPPRESS,
+            kind = {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                            help=f"{notes.get(f.name, '')} (default {f.default!r})")
     given = vars(p.parse_args(argv))
     cfg = Config(**{**(EMBEDDED if not given.get("student") else {}), **given})
@@ -140,17 +137,26 @@ def parse_config(argv=None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    """Fail before any work on values that cannot run."""
-    choices = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
-                   similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
-                   loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-    for key, allowed in choices.items():
+    """Fail before any model loads on values that cannot run or would train silently wrong."""
+    def fail(key: str, why: str):
+        raise SystemExit(f"--{key.replace('_', '-')} {why}, got {getattr(cfg, key)!r}")
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"--{key.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, key)!r}")
+            fail(key, f"must be one of {allowed}")
     for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size",
-                "sft_micro_batch"):
+                "sft_micro_batch", "steps", "sft_steps", "disc_steps", "disc_batch_size", "disc_questions",
+                "disc_samples", "max_disc_len"):
         if getattr(cfg, key) < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+            fail(key, "must be >= 1")
+    for key in ("lr", "disc_lr", "sft_lr", "grad_clip", "clip_eps", "repetition_penalty"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            fail(key, "must be finite and > 0")
+    for key in ("beta", "temperature", "vision_lr_scale", "top_k", "eval_limit", "eval_every", "save_every",
+                "sample_every"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            fail(key, "must be finite and >= 0")
+    if not 0 < cfg.top_p <= 1:
+        fail("top_p", "must be in (0, 1]")
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise SystemExit("--algo grpo needs --group-size >= 2 (the group std is undefined for one sample)")
     if cfg.answer_reward == "judge" and not cfg.judge:
@@ -163,22 +169,31 @@ def check_config(cfg: Config) -> None:
             continue
         if path and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
+    if cfg.student and not (Path(cfg.student) / "config.json").exists():
+        raise SystemExit(f"--student: {cfg.student} is not a checkpoint folder (no config.json)")
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The math: advantages and the policy loss (Eq. 2)
+
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-6):
     """A_i = R_i - mean_j R_j within each group (Dr.GRPO); / (std_j R_j + eps) too for GRPO.
 
     rewards: [N] laid out group-major (N = groups * group_size). A group of equal rewards gives zeros.
+
+        group_advantages(torch.tensor([2., 0., 1., 1.,   1., 1., 1., 1.]), 4)
+        -> [1., -1., 0., 0.,   0., 0., 0., 0.]       (question 0: mean 1; question 1: all equal)
     """
     r = rewards.view(-1, group_size)                                    # [groups, G]
     adv = r - r.mean(dim=1, keepdim=True)                               # [groups, G]
     if scale_by_std:
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # Bessel
+        if group_size > 1:
+            std = r.std(dim=1, keepdim=True)                            # Bessel-corrected, as GRPO
+        else:
+            std = torch.zeros_like(r[:, :1])
         adv = adv / (std + eps)
     return adv.reshape(-1)                                              # [N]
 
@@ -226,161 +241,36 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
     return loss, stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up (torchrun; plain `python ril.py` runs as one process without FSDP)
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); nccl on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl")
-        return rank, world, torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def all_sum(x: float | torch.Tensor) -> float:
-    """Sum of a number over ranks (on the GPU under nccl, which reduces no CPU tensor)."""
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if nccl else None).clone()
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
-def all_gather_list(values: list) -> list:
-    """Every rank's list, concatenated in rank order (one process: the list itself)."""
-    if not dist.is_initialized():
-        return list(values)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(values))
-    return [v for part in parts for v in part]
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = False) -> torch.nn.Module:
-    """FSDP2: fully_shard every decoder layer and vision block (the model's `_no_split_modules`), then the root.
-
-    GPU: bf16 parameters in compute, fp32 gradient reductions (fp32 master weights stay sharded).
-    keep_gathered: a layer keeps its gathered weights from forward to backward instead of gathering them again.
-    One process: no sharding.
-    """
-    if world_size() == 1:
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    for m in model.modules():
-        if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep_gathered)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[torch.Tensor, slice]]:
-    """Micro-batches of about `size` sequences, each cut to its longest response (less padding, the same sums):
-    (row indices, column slice) pairs over the response mask [N, T]. Rows come in whole groups of `group`
-    consecutive rows (one prompt's responses, whose prompt then runs once), groups of similar lengths together."""
-    longest = mask.sum(1).view(-1, group).amax(1)                            # [N / group]
-    return [((g[:, None] * group + torch.arange(group, device=mask.device)).flatten(),
-             slice(0, max(1, int(longest[g].max()))))
-            for g in longest.argsort(stable=True).split(max(1, size // group))]
-
-
-def sync_gradients(model: torch.nn.Module, last: bool) -> None:
-    """FSDP2 gradient accumulation: keep a step's micro-batch gradients local and reduce-scatter once, with the
-    last one (the same sum, one collective per layer instead of one per micro-batch)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(last)
-
-
-def full_state_dict(model: torch.nn.Module) -> dict:
-    """The whole (unsharded) state dict on CPU, on rank 0 (a collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if world_size() == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optim_state(model, optimizer, state=None):
-    """Get (state=None) or set the full optimizer state dict, the same on every rank count."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if state is None:
-        return get_optimizer_state_dict(model, optimizer, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Models and data
-
-def load_student(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False,
-                 keep_gathered: bool = False):
-    """(model, tokenizer, image processor) from a checkpoint folder, through the Auto classes. With
-    `checkpointing`, each layer's activations are recomputed in backward instead of stored."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    proc = AutoImageProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
-    model.requires_grad_(trainable)
-    if checkpointing and trainable:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return shard(model.train(trainable), device, keep_gathered and trainable), tok, proc
+# ------------------------------------------------------------------------------------------------------------
+# Models and batches
 
 
 def sampler_defaults(model, tok, cfg: Config) -> None:
     """Make the student's generation_config (saved with it) describe the project's sampler, so that a saved
     student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image /
     video placeholders suppressed, EOS and pad set, the run's sampling settings and response cap as defaults."""
-    import rollout
     gc = model.generation_config
     gc.suppress_tokens = rollout.placeholder_ids(model)
     gc.eos_token_id = rollout.eos_list(model, None) or [tok.eos_token_id]
     gc.pad_token_id = tok.pad_token_id
     gc.do_sample = cfg.temperature > 0
-    gc.temperature, gc.top_p, gc.top_k = (cfg.temperature, cfg.top_p, cfg.top_k) if gc.do_sample else (None,) * 3
-    gc.repetition_penalty, gc.max_new_tokens = cfg.repetition_penalty, cfg.max_new_tokens
+    gc.temperature = cfg.temperature if gc.do_sample else None
+    gc.top_p = cfg.top_p if gc.do_sample else None
+    gc.top_k = cfg.top_k if gc.do_sample else None
+    gc.repetition_penalty = cfg.repetition_penalty
+    gc.max_new_tokens = cfg.max_new_tokens
 
 
 def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the student, the vision side (every parameter outside the language model and its head: the
     vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (as the paper)."""
-    from rollout import text_model
-    lm = {id(p) for p in text_model(model).parameters()} | {id(p) for p in model.get_output_embeddings().parameters()}
+    lm = {id(p) for p in rollout.text_model(model).parameters()}
+    lm |= {id(p) for p in model.get_output_embeddings().parameters()}
     vision = [p for p in model.parameters() if id(p) not in lm]
     groups = [dict(params=[p for p in model.parameters() if id(p) in lm], lr=lr)]
-    groups += [dict(params=vision, lr=lr * vision_lr_scale)] if vision else []
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # (DTensors default to a per-tensor loop)
-
-
-def save_pretrained(module, path: Path, *extras) -> None:
-    """`save_pretrained` of the whole module (gathered from the shards) and of `extras` (tokenizer, image
-    processor) on rank 0: the student folder then loads with `from_pretrained` and no project code."""
-    sd = full_state_dict(module)
-    if get_rank() == 0:
-        module.save_pretrained(path, state_dict=sd)
-        for extra in extras:
-            extra.save_pretrained(path)
+    if vision:
+        groups.append(dict(params=vision, lr=lr * vision_lr_scale))
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # (DTensors: else a per-tensor loop)
 
 
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
@@ -393,93 +283,63 @@ def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 
-def to_device(tensors: dict, device) -> dict:
-    """A dict's tensors on `device` (prompts are built on the CPU), other values as they are."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+def prompts_for(tok, proc, rows: list[dict], device) -> dict:
+    """rollout.encode_prompts of dataset rows (their questions and images), on `device`."""
+    prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in rows], load_images(rows))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
 
 
-def pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-pad a [N, T] tensor with zeros to [N, width]."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-def ensure_embedded(cfg: Config, rank: int) -> Config:
-    """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
-    point the data paths at them."""
-    if cfg.student:
-        return cfg
-    if rank == 0:
-        from data.build import build_missing
-        build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
-    barrier()
-    return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
-                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "val.jsonl"),
-                               test_data=cfg.test_data or str(EMBEDDED_DIR / "test.jsonl"),
-                               sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
-
-
-def held_out(model, tok, proc, rows: list[dict], train_rows: list[dict], cfg: Config) -> dict:
-    """Greedy pass@1 on held-out rows, split evenly over ranks, as evaluate.accuracy_report: accuracy with n, its
-    95% interval, chance and the blind baseline (from the training rows), per question kind, and each row's
-    correctness (for paired comparisons)."""
-    rank, world = get_rank(), world_size()
-    per = math.ceil(len(rows) / world)
-    mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]  # equal counts: FSDP needs the same calls
-    n_real = max(0, min(per, len(rows) - rank * per))
-    res = evaluate.evaluate_model(model, tok, proc, mine, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=32)
-    correct = all_gather_list(res["correct"][:n_real])                  # in row order: rank 0's rows first
-    return evaluate.accuracy_report(correct, rows, train_rows)
-
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked)
-
-def token_mean_scale(local_count: float, global_count: float) -> float:
-    """Factor that turns a local mean into its share of the global mean: FSDP averages gradients over ranks,
-    so a rank's loss is weighted by world * local / global. 2 processes then equal 1 with the same batch."""
-    return world_size() * local_count / max(global_count, 1.0)
 
 
 def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     """Fine-tune `init` on cfg.sft_data for cfg.sft_steps and save it to `out` (save_pretrained)."""
-    from rollout import encode_prompts, encode_responses, response_logprobs
     all_rows = load_jsonl(cfg.sft_data)
     rows = [r for r in all_rows if "response" in r]
+    world = distributed.world_size()
     if not rows:
         raise SystemExit(f"{cfg.sft_data}: no row has a `response` field to fine-tune on")
-    if cfg.sft_batch_size % world_size():
-        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of the {world_size()} processes")
+    if cfg.sft_batch_size % world:
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of the {world} processes")
     if rank == 0 and len(rows) < len(all_rows):
         print(f"sft: {len(all_rows) - len(rows)} of {len(all_rows)} rows have no `response`: skipped", flush=True)
-    model, tok, proc = load_student(init, device, checkpointing=cfg.grad_checkpointing, keep_gathered=cfg.keep_gathered)
+    model, tok, proc = distributed.load_pretrained(init, device, checkpointing=cfg.grad_checkpointing,
+                                    keep_gathered=cfg.keep_gathered)
     sampler_defaults(model, tok, cfg)
     opt = student_optimizer(model, cfg.sft_lr, cfg.vision_lr_scale)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.9 * s / max(1, cfg.sft_steps))  # lr -> lr/10
+    decay = [1 - 0.9 * s / max(1, cfg.sft_steps) for s in range(cfg.sft_steps + 1)]  # lr -> lr / 10, linearly
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay.__getitem__)
     bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
     for step in bar:
-        batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, get_rank(), world_size())
-        ids, mask, _ = encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens, tok.eos_token_id)
-        ids, mask = ids.to(device), mask.to(device)                                       # [b, T]
-        total = all_sum(mask.sum())
-        micro, nll = length_batches(mask, cfg.sft_micro_batch), 0.0  # each adds its share of the global token mean
-        for i, (mb, w) in enumerate(micro):
-            sync_gradients(model, i == len(micro) - 1)
-            part = [batch[j] for j in mb.tolist()]
-            prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in part], load_images(part)), device)
-            logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
-            loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
-            (loss * world_size()).backward()                # FSDP averages gradients over ranks
+        batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, rank, world)
+        texts = [r["response"] for r in batch]
+        ids, mask, _ = rollout.encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+        ids, mask = ids.to(device), mask.to(device)                                  # [b, T]
+        total = distributed.all_sum(mask.sum())
+        micro = distributed.length_batches(mask, cfg.sft_micro_batch)
+        nll = 0.0
+        for i, (mb, w) in enumerate(micro):                 # each adds its share of the global token mean
+            distributed.sync_gradients(model, i == len(micro) - 1)
+            prompts = prompts_for(tok, proc, [batch[j] for j in mb.tolist()], device)
+            logp = rollout.response_logprobs(model, prompts, ids[mb, w], mask[mb, w])  # [mb, t]
+            loss = -(logp * mask[mb, w]).sum() / total                               # token-mean cross-entropy
+            (loss * world).backward()                       # FSDP averages gradients over ranks
             nll += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{all_sum(nll):.3f}")
-    save_pretrained(model, out, tok, proc)
-    barrier()
+        distributed.grad_norm(model, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{distributed.all_sum(nll):.3f}")
+    distributed.save_pretrained(model, out, tok, proc)
+    distributed.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
+
+ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it was pre-trained on
+
 
 def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
     """--teachers, or every teacher cached in every row; a clear message when one is missing."""
@@ -487,19 +347,6 @@ def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
         return teacher_names(rows, cfg.teachers)
     except ValueError as e:
         raise SystemExit(f"{cfg.data}: {e}") from None
-
-
-ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it was pre-trained on
-
-
-def fingerprint(checkpoint: str) -> str:
-    """sha256 of a checkpoint's weight files: which student (which SFT run) a discriminator was built from."""
-    h = hashlib.sha256()
-    for f in sorted(Path(checkpoint).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
@@ -511,7 +358,7 @@ def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
     origin = json.loads(record.read_text())
     if origin["teachers"] != sorted(names):
         return f"it was pre-trained on the teachers {origin['teachers']}, this run imitates {sorted(names)}"
-    if origin["student"] != fingerprint(student):
+    if origin["student"] != distributed.fingerprint(student):
         return f"it was pre-trained from another student than {student} (a new SFT run?)"
     return None
 
@@ -519,309 +366,342 @@ def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
 def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
     """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or take its
     cached samples, the `students` field, when every row has them), take every cached response of the chosen
-    teachers on them (all labelled teacher), train D, save it to `out`."""
-    from discriminator import Discriminator, pretrain
-    from rollout import encode_prompts, encode_responses, generate
+    teachers on them (all labelled teacher), train D, save it to `out` with a record of what it saw."""
+    world = distributed.world_size()
     rows = load_jsonl(cfg.data)
     names = imitated_teachers(cfg, rows)
     cached = all("students" in r for r in rows)  # written by data/teacher_cache.py --field students
-    n = min(cfg.disc_questions, len(rows)) // world_size() * world_size()
-    rows = step_rows(rows, 0, n, cfg.seed + 1, rank, world_size())
-    model, tok, proc = load_student(student, device, trainable=False)
+    n = min(cfg.disc_questions, len(rows)) // world * world
+    rows = step_rows(rows, 0, n, cfg.seed + 1, rank, world)
+    model, tok, proc = distributed.load_pretrained(student, device, trainable=False)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
-        batch = rows[i:i + 16]
-        prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch)), device)
-        out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
-                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        repetition_penalty=cfg.repetition_penalty, generator=gen)
+        out_ = rollout.generate(model, prompts_for(tok, proc, rows[i:i + 16], device),
+                                max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                repetition_penalty=cfg.repetition_penalty, generator=gen)
         student_texts += decode(tok, out_.response_ids, out_.response_mask)
-    teacher_texts = [t for r in rows for n in names for t in r["teachers"][n]]  # as RL gives them to D: cut, decoded
-    teacher_texts = decode(tok, *encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)[:2])
+    teacher_texts = [t for r in rows for name in names for t in r["teachers"][name]]
+    cut = rollout.encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)
+    teacher_texts = decode(tok, cut[0], cut[1])                  # as RL gives them to D: cut, decoded
     del model
-    disc = shard(Discriminator.from_student(student).to(device), device, cfg.keep_gathered)
+    disc = distributed.shard(discriminator.Discriminator.from_student(student).to(device), device,
+                             cfg.keep_gathered)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
-    stats = pretrain(disc, opt, tok, student_texts, teacher_texts, steps=cfg.disc_steps,
-                     batch_size=max(1, cfg.disc_batch_size // (2 * world_size())), max_len=cfg.max_disc_len,
-                     seed=cfg.seed * 1000 + rank, log_every=max(1, cfg.disc_steps // 5))
+    stats = discriminator.pretrain(disc, opt, tok, student_texts, teacher_texts, steps=cfg.disc_steps,
+                                   batch_size=max(1, cfg.disc_batch_size // (2 * world)),
+                                   max_len=cfg.max_disc_len, seed=cfg.seed * 1000 + rank,
+                                   log_every=max(1, cfg.disc_steps // 5))
     if rank == 0:
-        print(f"discriminator pre-trained on {len(student_texts)} {'cached' if cached else 'sampled'} student responses"
-              f" per rank: {stats['steps']} steps, {stats['seconds']:.0f}s, "
+        print(f"discriminator pre-trained on {len(student_texts)} {'cached' if cached else 'sampled'} student "
+              f"responses per rank: {stats['steps']} steps, {stats['seconds']:.0f}s, "
               f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
-    save_pretrained(disc, out)
+    distributed.save_pretrained(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (disc_mismatch reads it)
-        (out / ORIGIN).write_text(json.dumps({"student": fingerprint(student), "teachers": sorted(names)}))
-    barrier()
+        origin = {"student": distributed.fingerprint(student), "teachers": sorted(names)}
+        (out / ORIGIN).write_text(json.dumps(origin))
+    distributed.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stage 3: the RL loop (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo)
+# ------------------------------------------------------------------------------------------------------------
+# Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo)
 
-def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator):
+
+@dataclass
+class Models:
+    """What the RL stage trains and reads. disc / dopt: RIL with a similarity reward; judge: --answer-reward
+    judge; ref: pi_ref (the start), when beta > 0."""
+    device: torch.device
+    policy: torch.nn.Module
+    tok: object
+    proc: object
+    popt: torch.optim.Optimizer
+    ref: torch.nn.Module | None = None
+    disc: torch.nn.Module | None = None
+    dopt: torch.optim.Optimizer | None = None
+    judge: torch.nn.Module | None = None
+    judge_tok: object = None
+
+    def trained(self) -> dict:
+        """{checkpoint folder: (model, optimizer, extras saved beside it)}, for distributed.save_checkpoint."""
+        out = {"student": (self.policy, self.popt, (self.tok, self.proc))}
+        if self.disc is not None:
+            out["discriminator"] = (self.disc, self.dopt, ())
+        return out
+
+
+def by_question(x: torch.Tensor, questions: int, width: int) -> torch.Tensor:
+    """[questions * G, T] -> [questions, G, width], right-padded with zeros."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])).view(questions, -1, width)
+
+
+def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str], gen: torch.Generator):
     """Algorithm 2, steps 1-2: G student samples per question (pi_old = pi_theta now) and, for RIL, G cached
-    teacher responses, laid out group-major: [q0: G student, G teacher | q1: ...]. Returns
-    (prompts, ids [N, T], mask [N, T], k = responses per question, n teacher responses truncated)."""
-    from rollout import encode_prompts, encode_responses, generate
-    G, tok = cfg.group_size, m["tok"]
-    prompts = to_device(encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch)), m["device"])
+    teacher responses, laid out group-major. Returns (prompts, ids [N, T], mask [N, T], k = responses per
+    question, n teacher responses truncated). With G = 2, two questions:
+
+        row:  0    1    2    3  |  4    5    6    7
+              q0s0 q0s1 q0t0 q0t1 | q1s0 q1s1 q1t0 q1t1      (s: student sample, t: teacher response)
+    """
+    G, tok = cfg.group_size, m.tok
+    prompts = prompts_for(tok, m.proc, batch, m.device)
     with torch.no_grad():
-        roll = generate(m["policy"], prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
-                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        repetition_penalty=cfg.repetition_penalty, generator=gen)
+        roll = rollout.generate(m.policy, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                repetition_penalty=cfg.repetition_penalty, generator=gen)
     ids, mask = roll.response_ids, roll.response_mask                        # [b*G, T]
     if cfg.algo != "ril":
         return prompts, ids, mask, G, 0
-    texts = [s for r in batch for s in teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))]
-    t_ids, t_mask, n_trunc = encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
-    t_ids, t_mask = t_ids.to(ids.device), t_mask.to(ids.device)                # [b*G, T']
+    texts = []
+    for r in batch:  # the draw depends on the question and the step only, not on how ranks split the batch
+        texts += teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))
+    t_ids, t_mask, n_trunc = rollout.encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+    t_ids, t_mask = t_ids.to(ids.device), t_mask.to(ids.device)              # [b*G, T']
     width = max(ids.shape[1], t_ids.shape[1])
-    per_q = lambda x: pad_cols(x, width).view(len(batch), G, width)         # [b, G, T]
-    ids = torch.cat([per_q(ids), per_q(t_ids)], 1).view(-1, width)           # [b*2G, T]
-    mask = torch.cat([per_q(mask), per_q(t_mask)], 1).view(-1, width)
+    b = len(batch)
+    ids = torch.cat([by_question(ids, b, width), by_question(t_ids, b, width)], 1).view(-1, width)  # [b*2G, T]
+    mask = torch.cat([by_question(mask, b, width), by_question(t_mask, b, width)], 1).view(-1, width)
     return prompts, ids, mask, 2 * G, n_trunc
 
 
-def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: dict, out: dict):
+def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: Models, out: dict):
     """Algorithm 2, step 4: R = r_sim + r_ans for every response (Algorithm 1: r_ans only). Returns (R [N], parts)."""
-    from rewards import combine_rewards, judge_rewards, rule_rewards, similarity_reward
     answers = [r["answer"] for r in batch for _ in range(k)]
     r_ans = r_sim = None
     if cfg.answer_reward == "rule":
-        r_ans = rule_rewards(texts, answers)[0]                              # [N]
+        r_ans = R.rule_rewards(texts, answers)[0]                           # [N]
     elif cfg.answer_reward == "judge":
         questions = [r["question"] for r in batch for _ in range(k)]
-        r_ans, jstats = judge_rewards(m["judge"], m["judge_tok"], questions, answers, texts)
+        r_ans, jstats = R.judge_rewards(m.judge, m.judge_tok, questions, answers, texts)
         out.update({f"judge/{a}": b for a, b in jstats.items()})
-    if "disc" in m:
-        from discriminator import p_student
-        p = p_student(m["disc"], m["tok"], texts, cfg.max_disc_len, batch_size=cfg.micro_batch)   # [N] D(o)
-        r_sim = similarity_reward(p, mode=cfg.similarity)
+    if m.disc is not None:
+        p = discriminator.p_student(m.disc, m.tok, texts, cfg.max_disc_len, batch_size=cfg.micro_batch)  # [N]
+        r_sim = R.similarity_reward(p, mode=cfg.similarity)
         is_student = student_rows(len(texts), k, cfg.group_size)
         out["disc/p_student_on_student"] = p[is_student].mean().item()
         out["disc/p_student_on_teacher"] = p[~is_student].mean().item()
-    return combine_rewards(r_sim, r_ans)
+    return R.combine_rewards(r_sim, r_ans)
 
 
-def policy_update(cfg: Config, m: dict, prompts: dict, ids, mask, adv, k: int) -> dict:
+def loss_weight(cfg: Config, mask: torch.Tensor) -> float:
+    """What a micro-batch counts for in the step's mean: its tokens (token-mean) or its sequences."""
+    return mask.sum().item() if cfg.loss_agg == "token-mean" else float(mask.shape[0])
+
+
+def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int) -> dict:
     """Algorithm 2, step 5: mu steps of Eq. 2 over all responses (teacher ones included), in micro-batches of
     whole questions (a prompt runs once for its k responses) of similar lengths. Token means divide by the global
     token count, so the update does not depend on the split."""
-    from rollout import response_logprobs, select_prompts
-    policy, temp = m["policy"], cfg.temperature or 1.0  # greedy runs score log-probs at T = 1
-    count = lambda msk: msk.sum().item() if cfg.loss_agg == "token-mean" else float(msk.shape[0])
-    total = all_sum(count(mask))
-    micro = length_batches(mask, cfg.micro_batch, group=k)                              # (rows, columns)
-    micro_prompts = [select_prompts(prompts, s[::k] // k) for s, _ in micro]           # one row per question
-    with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: reuse the live log-probs, detached) and pi_ref
-        old = [response_logprobs(policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1 else None
-               for (s, w), p in zip(micro, micro_prompts)]
-        ref = [response_logprobs(m["ref"], p, ids[s, w], mask[s, w], temp) if cfg.beta else None
-               for (s, w), p in zip(micro, micro_prompts)]
+    temp = cfg.temperature or 1.0                                        # greedy runs score log-probs at T = 1
+    total = distributed.all_sum(loss_weight(cfg, mask))
+    micro = distributed.length_batches(mask, cfg.micro_batch, group=k)                               # (rows, columns)
+    micro_prompts = [rollout.select_prompts(prompts, s[::k] // k) for s, _ in micro]     # one row per question
+    old, ref = [], []
+    with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: the live log-probs, detached) and pi_ref
+        for (s, w), p in zip(micro, micro_prompts):
+            old.append(rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1 else None)
+            ref.append(rollout.response_logprobs(m.ref, p, ids[s, w], mask[s, w], temp) if cfg.beta else None)
     is_student = student_rows(ids.shape[0], k, cfg.group_size).to(mask.device)[:, None] & mask   # [N, T]
-    stats, skipped, ent = [], 0, [0.0, 0.0]
+    stats, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
     for _ in range(cfg.mu):
         loss_sum = 0.0
         for j, ((s, w), p) in enumerate(zip(micro, micro_prompts)):
-            sync_gradients(policy, j == len(micro) - 1)
-            logp, entropy = response_logprobs(policy, p, ids[s, w], mask[s, w], temp, return_entropy=True)  # [n, t]
-            loss, st = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), ref[j], adv[s], mask[s, w],
-                                   clip_eps=cfg.clip_eps, beta=cfg.beta, agg=cfg.loss_agg,
-                                   norm_len=cfg.max_new_tokens)
-            (loss * token_mean_scale(count(mask[s]), total)).backward()
-            loss_sum += loss.item() * count(mask[s]) / max(count(mask), 1)
+            distributed.sync_gradients(m.policy, j == len(micro) - 1)
+            logp, entropy = rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp,
+                                                      return_entropy=True)                      # [n, t]
+            pi_old = old[j] if old[j] is not None else logp.detach()
+            loss, st = policy_loss(logp, pi_old, ref[j], adv[s], mask[s, w], clip_eps=cfg.clip_eps,
+                                   beta=cfg.beta, agg=cfg.loss_agg, norm_len=cfg.max_new_tokens)
+            (loss * distributed.token_mean_scale(loss_weight(cfg, mask[s]), total)).backward()
+            loss_sum += loss.item() * loss_weight(cfg, mask[s]) / max(loss_weight(cfg, mask), 1)
             stats.append(st)
-            ent = [ent[0] + (entropy.detach() * is_student[s, w]).sum().item(), ent[1] + is_student[s, w].sum().item()]
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
-        if all_sum(float(not (math.isfinite(gnorm) and math.isfinite(loss_sum)))) > 0:
+            ent_sum += (entropy.detach() * is_student[s, w]).sum().item()
+            ent_n += is_student[s, w].sum().item()
+        gnorm = distributed.grad_norm(m.policy, cfg.grad_clip)
+        if distributed.all_sum(float(not (math.isfinite(gnorm) and math.isfinite(loss_sum)))) > 0:
             skipped += 1                                                     # never reaches the weights
         else:
-            m["popt"].step()
-        m["popt"].zero_grad(set_to_none=True)
+            m.popt.step()
+        m.popt.zero_grad(set_to_none=True)
     return {"policy/loss": loss_sum, "policy/kl": sum(x["kl"] for x in stats) / len(stats),
             "policy/clip_frac": sum(x["clip_frac"] for x in stats) / len(stats),
-            "policy/ratio_min": min(x["ratio_min"] for x in stats), "policy/ratio_max": max(x["ratio_max"] for x in stats),
-            "policy/entropy": ent[0] / max(ent[1], 1), "policy/grad_norm": gnorm, "policy/skipped": skipped}
+            "policy/ratio_min": min(x["ratio_min"] for x in stats),
+            "policy/ratio_max": max(x["ratio_max"] for x in stats),
+            "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": gnorm, "policy/skipped": skipped}
 
 
-def rl_step(cfg: Config, step: int, batch: list[dict], m: dict, names: list[str], gen: torch.Generator) -> dict:
-    """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics.
-    m holds device, policy, ref, tok, proc, popt; for RIL disc, dopt; judge, judge_tok for the judge reward."""
+def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str], gen: torch.Generator) -> dict:
+    """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics."""
     t0 = time.time()
     prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
-    texts = decode(m["tok"], ids, mask)
+    texts = decode(m.tok, ids, mask)
     is_student = student_rows(ids.shape[0], k, cfg.group_size)                             # [N]
-    t1, out = time.time(), {}
-    if "disc" in m and not cfg.freeze_disc:                                                # step 3: Eq. 1
-        from discriminator import update
+    t1 = time.time()
+    out = {}
+    if m.disc is not None and not cfg.freeze_disc:                                         # step 3: Eq. 1
         s_txt = [x for x, s in zip(texts, is_student) if s]
         t_txt = [x for x, s in zip(texts, is_student) if not s]
         for _ in range(cfg.mu):
-            out.update({f"disc/{a}": b for a, b in update(m["disc"], m["dopt"], m["tok"], s_txt, t_txt,
-                                                          cfg.max_disc_len, micro_batch_size=cfg.micro_batch).items()})
+            stats = discriminator.update(m.disc, m.dopt, m.tok, s_txt, t_txt, cfg.max_disc_len,
+                                         micro_batch_size=cfg.micro_batch)
+            out.update({f"disc/{a}": b for a, b in stats.items()})
     t2 = time.time()
-    R, parts = rewards(cfg, batch, texts, k, m, out)                                       # step 4
-    adv = group_advantages(R.float(), k, scale_by_std=cfg.algo == "grpo").to(mask.device)  # [N]
+    reward, parts = rewards(cfg, batch, texts, k, m, out)                                  # step 4
+    adv = group_advantages(reward.float(), k, scale_by_std=cfg.algo == "grpo").to(mask.device)  # [N]
     t3 = time.time()
     out.update(policy_update(cfg, m, prompts, ids, mask, adv, k))                          # step 5
     t4 = time.time()
     lengths = mask[is_student.to(mask.device)].sum(1).float()
-    part = lambda key, rows: parts[key][rows].mean().item() if parts[key] is not None else None
+    r_ans, r_sim = parts["r_ans"], parts["r_sim"]
     out.update({
-        "reward/total": R[is_student].mean().item(), "reward/answer": part("r_ans", is_student),
-        "reward/similarity": part("r_sim", is_student),
-        "reward/teacher_answer": part("r_ans", ~is_student) if k > cfg.group_size else None,
+        "reward/total": reward[is_student].mean().item(),
+        "reward/answer": r_ans[is_student].mean().item() if r_ans is not None else None,
+        "reward/similarity": r_sim[is_student].mean().item() if r_sim is not None else None,
+        "reward/teacher_answer": r_ans[~is_student].mean().item() if r_ans is not None and k > cfg.group_size
+        else None,
         "response/length": lengths.mean().item(), "response/length_max": lengths.max().item(),
         "response/truncated_teacher": n_trunc, "tokens_per_s": lengths.sum().item() / max(t1 - t0, 1e-9),
         "time/rollout": t1 - t0, "time/disc": t2 - t1, "time/rewards": t3 - t2, "time/update": t4 - t3,
-        "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], R[0].item()),
+        "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], reward[0].item()),
     })
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, resumable
-
-def save_checkpoint(run: Path, step: int, m: dict, state: dict, gen: torch.Generator) -> None:
-    """runs/<name>/checkpoints/step-N: student (save_pretrained), discriminator, optimizers, RNG, step.
-    Written to a temporary folder and renamed, then `latest` is replaced atomically."""
-    rank = get_rank()
-    tmp, final = run / "checkpoints" / f"step-{step}.tmp", run / "checkpoints" / f"step-{step}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    save_pretrained(m["policy"], tmp / "student", m["tok"], m["proc"])
-    optim = {"policy": optim_state(m["policy"], m["popt"])}
-    if "disc" in m:
-        save_pretrained(m["disc"], tmp / "discriminator")
-        optim["disc"] = optim_state(m["disc"], m["dopt"])
-    torch.save({"generator": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-               tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        torch.save(optim, tmp / "optimizers.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step)))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (run / "checkpoints" / "latest.tmp").write_text(final.name)
-        os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
-    barrier()
+# ------------------------------------------------------------------------------------------------------------
+# The loop
 
 
-def load_checkpoint(ckpt: Path, m: dict, gen: torch.Generator) -> dict:
-    """The optimizer and RNG states of a checkpoint into m["popt"], m["dopt"] and `gen` (the weights are loaded
-    with the models); returns the saved state (step, counters)."""
-    optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
-    optim_state(m["policy"], m["popt"], optim["policy"])
-    if "disc" in m:
-        optim_state(m["disc"], m["dopt"], optim["disc"])
-    rng = torch.load(ckpt / f"rng-rank{get_rank()}.pt", weights_only=False)
-    gen.set_state(rng["generator"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
-    return json.loads((ckpt / "state.json").read_text())
+@dataclass
+class RunState:
+    """What a checkpoint's state.json holds besides the step: counters and the start's validation report."""
+    step: int = 0
+    skipped: int = 0
+    val_start: dict | None = None
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    p = run / "checkpoints" / "latest"
-    return run / "checkpoints" / p.read_text().strip() if p.exists() else None
+def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | None, device) -> Models:
+    """The policy (from the checkpoint when resuming), pi_ref, the optimizer, and D / the judge when used."""
+    policy, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else student, device,
+                                     checkpointing=cfg.grad_checkpointing, keep_gathered=cfg.keep_gathered)
+    sampler_defaults(policy, tok, cfg)
+    m = Models(device=device, policy=policy, tok=tok, proc=proc,
+               popt=student_optimizer(policy, cfg.lr, cfg.vision_lr_scale))
+    if cfg.beta:
+        m.ref = distributed.load_pretrained(student, device, trainable=False)[0]
+    if cfg.algo == "ril" and cfg.similarity != "off":
+        disc = discriminator.Discriminator.from_pretrained(str(ckpt / "discriminator") if ckpt else disc_path)
+        m.disc = distributed.shard(disc.to(device).train(not cfg.freeze_disc), device,
+                                   cfg.keep_gathered and not cfg.freeze_disc)
+        m.dopt = torch.optim.AdamW(m.disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
+    if cfg.answer_reward == "judge":
+        m.judge_tok = AutoTokenizer.from_pretrained(cfg.judge)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        m.judge = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=dtype).to(device).eval()
+    return m
 
 
-# ----------------------------------------------------------------------------------------------------
-# main
+def final_reports(cfg: Config, m: Models, student: str, state: RunState, rows, eval_rows) -> dict:
+    """Validation and test accuracy of the start and of the final student (the test split is read only here),
+    each beside chance and the blind baseline, and each split's gain with its paired 95% interval."""
+    summary = {}
+    n = cfg.max_new_tokens
+    if eval_rows:
+        final = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, n)
+        summary["val"] = {"start": state.val_start, "final": final}
+    if cfg.test_data:
+        test_rows = load_jsonl(cfg.test_data)
+        start = m.ref or distributed.load_pretrained(student, m.device, trainable=False)[0]
+        summary["test"] = {"start": evaluate.held_out(start, m.tok, m.proc, test_rows, rows, n),
+                           "final": evaluate.held_out(m.policy, m.tok, m.proc, test_rows, rows, n)}
+    return evaluate.add_gains(summary)
+
+
+def log_step(cfg: Config, out: dict, sample: tuple, bar, metrics_path: Path) -> None:
+    """Rank 0: a row of metrics.jsonl, the progress bar, and every --sample-every steps one response."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(out) + "\n")
+    bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
+                     "sim": f"{out.get('reward/similarity', 0):.2f}", "len": f"{out['response/length']:.0f}"})
+    if cfg.sample_every and out["step"] % cfg.sample_every == 0:
+        question, answer, text, reward = sample
+        tqdm.write(f"[step {out['step']}] Q: {question} (answer {answer})\n  -> {text!r} R={reward}")
+
 
 def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
-    """The RL stage; returns the summary: validation and test accuracy of the start and of the final student,
-    each beside chance and the blind baseline (evaluate.accuracy_report), and the test gain with its paired
-    95% interval. The test split is read only here, at the end."""
-    rows, eval_rows = load_jsonl(cfg.data), load_jsonl(cfg.eval_data) if cfg.eval_data else []
+    """The RL stage; returns the summary (final_reports, skipped steps, the config)."""
+    rows = load_jsonl(cfg.data)
+    eval_rows = load_jsonl(cfg.eval_data) if cfg.eval_data else []
     eval_rows = eval_rows[:cfg.eval_limit] if cfg.eval_limit else eval_rows
-    ril = cfg.algo == "ril"
-    names = imitated_teachers(cfg, rows) if ril else []
-    if cfg.batch_size % world_size():
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world_size()} processes")
-    ckpt = latest_checkpoint(run) if cfg.resume else None
+    names = imitated_teachers(cfg, rows) if cfg.algo == "ril" else []
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    ckpt = distributed.latest_checkpoint(run) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
-    m = {"device": device}
-    m["policy"], m["tok"], m["proc"] = load_student(str(ckpt / "student") if ckpt else student, device,
-                                                    checkpointing=cfg.grad_checkpointing,
-                                                    keep_gathered=cfg.keep_gathered)
-    sampler_defaults(m["policy"], m["tok"], cfg)
-    m["ref"] = load_student(student, device, trainable=False)[0] if cfg.beta else None
-    m["popt"] = student_optimizer(m["policy"], cfg.lr, cfg.vision_lr_scale)
-    if ril and cfg.similarity != "off":
-        from discriminator import Discriminator
-        m["disc"] = shard(Discriminator.from_pretrained(str(ckpt / "discriminator") if ckpt else disc_path)
-                          .to(device).train(not cfg.freeze_disc), device, cfg.keep_gathered and not cfg.freeze_disc)
-        m["dopt"] = torch.optim.AdamW(m["disc"].parameters(), lr=cfg.disc_lr, weight_decay=0.0)
-    if cfg.answer_reward == "judge":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        m["judge_tok"] = AutoTokenizer.from_pretrained(cfg.judge)
-        m["judge"] = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=torch.bfloat16 if device.type == "cuda"
-                                                          else torch.float32).to(device).eval()
+    m = load_models(cfg, student, disc_path, ckpt, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    state = {"skipped": 0, "val_start": None}
+    state = RunState()
     if ckpt:
-        state = load_checkpoint(ckpt, m, gen)
+        state = RunState(**distributed.load_checkpoint(ckpt, m.trained(), gen))
     elif eval_rows:
-        state["val_start"] = held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)
+        state.val_start = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
         if rank == 0:
-            print(f"val accuracy before RL: {evaluate.format_report(state['val_start'])}", flush=True)
+            print(f"val accuracy before RL: {evaluate.format_report(state.val_start)}", flush=True)
     metrics_path = run / "metrics.jsonl"
     if rank == 0:  # a resumed run keeps only the rows up to its checkpoint
-        kept = [l for l in (metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else [])
-                if json.loads(l)["step"] <= state["step"]]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    start = state.get("step", 0)
-    bar = tqdm(range(start, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=start, total=cfg.steps)
+        old = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
+        kept = [line for line in old if json.loads(line)["step"] <= state.step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    distributed.catch_sigterm()
+    bar = tqdm(range(state.step, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=state.step,
+               total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        batch = step_rows(rows, step, cfg.batch_size, cfg.seed, get_rank(), world_size())
+        batch = step_rows(rows, step, cfg.batch_size, cfg.seed, rank, world)
         out = rl_step(cfg, step, batch, m, names, gen)
-        state["skipped"] += out["policy/skipped"]
+        state.step = step + 1
+        state.skipped += out["policy/skipped"]
         sample = out.pop("_sample")
         out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None}, "time/step": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows:
-            out["eval/accuracy"] = held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)["accuracy"]
+            report = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
+            out["eval/accuracy"] = report["accuracy"]
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(out) + "\n")
-            bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
-                             "sim": f"{out.get('reward/similarity', 0):.2f}", "len": f"{out['response/length']:.0f}"})
-            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                tqdm.write(f"[step {step + 1}] Q: {sample[0]} (answer {sample[1]})\n  -> {sample[2]!r} R={sample[3]}")
-        last = step + 1 == cfg.steps
-        stopping = all_sum(float(stop["flag"])) > 0
-        if last or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(run, step + 1, m, state, gen)
+            log_step(cfg, out, sample, bar, metrics_path)
+        stopping = distributed.stop_requested()
+        if step + 1 == cfg.steps or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            distributed.save_checkpoint(run, step + 1, m.trained(), dataclasses.asdict(state), gen)
         if stopping:
             if rank == 0:
                 print(f"SIGTERM: saved step {step + 1} and stopped", flush=True)
             sys.exit(0)
-    summary = {"skipped_steps": state["skipped"], "config": dataclasses.asdict(cfg)}
-    if eval_rows:
-        summary["val"] = {"start": state["val_start"],
-                          "final": held_out(m["policy"], m["tok"], m["proc"], eval_rows, rows, cfg)}
-    if cfg.test_data:  # once, at the end: the start (pi_ref) and the final student on every test row
-        test_rows = load_jsonl(cfg.test_data)
-        start = m["ref"] if m["ref"] is not None else load_student(student, device, trainable=False)[0]
-        summary["test"] = {"start": held_out(start, m["tok"], m["proc"], test_rows, rows, cfg),
-                           "final": held_out(m["policy"], m["tok"], m["proc"], test_rows, rows, cfg)}
-    for split in ("val", "test"):
-        if split in summary and summary[split]["start"]:
-            d, lo, hi = evaluate.paired_bootstrap([summary[split]["final"]["correct"]],
-                                                  [summary[split]["start"]["correct"]])
-            summary[split]["gain"] = {"diff": d, "ci95": [lo, hi]}
-    return summary
+    summary = final_reports(cfg, m, student, state, rows, eval_rows)
+    return summary | {"skipped_steps": state.skipped, "config": dataclasses.asdict(cfg)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# main
+
+
+def ensure_embedded(cfg: Config, rank: int) -> Config:
+    """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
+    point the data paths at them."""
+    if cfg.student:
+        return cfg
+    if rank == 0:
+        build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
+    distributed.barrier()
+    return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
+                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "val.jsonl"),
+                               test_data=cfg.test_data or str(EMBEDDED_DIR / "test.jsonl"),
+                               sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
 
 
 def main(argv=None) -> None:
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     cfg = ensure_embedded(cfg, rank)
@@ -832,26 +712,29 @@ def main(argv=None) -> None:
     student, disc = cfg.student, cfg.discriminator
     if not cfg.student:  # the embedded pipeline: reuse each stage's output when it exists
         student = str(TINY_DIR / "tiny-sft")
-        if cfg.stage == "sft" or (cfg.stage == "all" and not (Path(student) / "config.json").exists()):
+        built = (Path(student) / "config.json").exists()
+        if cfg.stage == "sft" or (cfg.stage == "all" and not built):
             sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), device, rank)
-        elif not (Path(student) / "config.json").exists():
+        elif not built:
             raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                              "(or the whole pipeline) first")
         # one pre-trained discriminator per set of imitated teachers, rebuilt after a new SFT (disc_mismatch)
-        disc = disc or str(TINY_DIR / ("tiny-disc" + (f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else "")))
+        suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
+        disc = disc or str(TINY_DIR / f"tiny-disc{suffix}")
     elif cfg.stage == "sft":
         sft(cfg, cfg.student, run / "sft", device, rank)
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
+    have_disc = bool(disc) and (Path(disc) / "config.json").exists()
     rebuild = False
-    if needs_disc and disc and (Path(disc) / "config.json").exists() and cfg.stage != "disc":
+    if needs_disc and have_disc and cfg.stage != "disc":
         why = disc_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data))) if rank == 0 else None
-        rebuild = all_sum(float(why is not None)) > 0                   # rank 0 hashes, every rank decides
+        rebuild = distributed.all_sum(float(why is not None)) > 0          # rank 0 hashes, every rank decides
         if rebuild and cfg.discriminator:
             raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run with "
                              "--stage disc")
         if why:
             print(f"{disc}: {why}: pre-training it again", flush=True)
-    if needs_disc and (rebuild or cfg.stage == "disc" or not disc or not (Path(disc) / "config.json").exists()):
+    if needs_disc and (rebuild or cfg.stage == "disc" or not have_disc):
         disc = disc or str(run / "discriminator")
         pretrain_discriminator(cfg, student, Path(disc), device, rank)
     if cfg.stage in ("all", "rl"):
@@ -859,17 +742,8 @@ def main(argv=None) -> None:
         summary["wall_clock_s"] = time.time() - t0
         if rank == 0:
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
-            print(f"{summary['wall_clock_s']:.0f}s, {summary['skipped_steps']} skipped steps", flush=True)
-            for split in ("val", "test"):
-                for which in ("start", "final"):
-                    if (summary.get(split) or {}).get(which):
-                        print(f"{split} {which:5s}: {evaluate.format_report(summary[split][which])}", flush=True)
-                if "gain" in summary.get(split, {}):
-                    gain = summary[split]["gain"]
-                    print(f"{split} gain : {evaluate.format_difference(gain['diff'], *gain['ci95'])} "
-                          "(final - start, paired 95% interval)", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            evaluate.print_run_summary(summary)
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import distributed
 import ril
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_resume_equals_straight_run(small_run):
 
 def test_gradient_checkpointing_gives_the_same_update(small_run):
     common, out = small_run
-    assert ril.load_student(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_activation_checkpointing
+    assert distributed.load_pretrained(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_activation_checkpointing
     args = common + ["--stage", "rl", "--steps", 1, "--save-every", 0, "--temperature", 0]
     run(args + ["--name", "stored"])
     run(args + ["--name", "recomputed", "--grad-checkpointing"])
@@ -111,7 +112,7 @@ def test_gradient_checkpointing_gives_the_same_update(small_run):
 def test_length_batches_cover_every_row_once_in_whole_groups(group):
     lengths = torch.tensor([3, 9, 1, 0, 7, 7, 2, 5, 8, 4, 6, 1])                # 12 responses, 3 or 12 groups
     mask = torch.arange(10)[None] < lengths[:, None]                          # [12, 10]
-    batches = ril.length_batches(mask, 5, group)
+    batches = distributed.length_batches(mask, 5, group)
     rows = torch.cat([r for r, _ in batches])
     assert sorted(rows.tolist()) == list(range(12))
     for r, cols in batches:
@@ -127,7 +128,7 @@ def test_student_optimizer_splits_vision_and_language(tiny_student, tiny_internv
     """Every parameter in exactly one group; the vision tower and projector (and only they) at lr * scale."""
     for path, vision_prefixes in ((tiny_student, ("model.visual.",)),
                                   (tiny_internvl, ("model.vision_tower.", "model.multi_modal_projector."))):
-        model = ril.load_student(str(path), torch.device("cpu"))[0]
+        model = distributed.load_pretrained(str(path), torch.device("cpu"))[0]
         opt = ril.student_optimizer(model, 1e-3, 0.1)
         lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
         assert sum(len(g["params"]) for g in opt.param_groups) == len(lr_of) == len(list(model.parameters()))
@@ -227,7 +228,7 @@ def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
     common, out = small_run
     disc = common[common.index("--discriminator") + 1]
     origin = json.loads((Path(disc) / ril.ORIGIN).read_text())
-    assert origin == {"student": ril.fingerprint(str(tiny_student)), "teachers": ["methodical", "reflective"]}
+    assert origin == {"student": distributed.fingerprint(str(tiny_student)), "teachers": ["methodical", "reflective"]}
     assert ril.disc_mismatch(disc, str(tiny_student), ["reflective", "methodical"]) is None
     assert "teachers" in ril.disc_mismatch(disc, str(tiny_student), ["methodical"])
     new_sft = tmp_path / "new-sft"  # the same files with one weight changed: another student

@@ -1,0 +1,265 @@
+"""torchrun / FSDP2 plumbing for ril.py: the process group, collectives, sharding, full state dicts, atomic
+checkpoints and SIGTERM. Nothing here is RIL: ril.py calls these by name (`distributed.all_sum(...)`).
+
+- `setup` starts the process group under torchrun (nccl on GPUs, gloo on CPU); plain `python ril.py` runs as
+  one process, where every function below degrades to its one-process meaning (a sum of one, no sharding).
+- `shard`: FSDP2's `fully_shard` on every decoder layer and vision block, then the root; bf16 compute with
+  fp32 reductions on GPUs. `load_pretrained` loads a checkpoint by path and shards it; `length_batches` cuts a
+  step into micro-batches for gradient accumulation.
+- Token means across processes: `token_mean_scale` weights a rank's local mean so that FSDP's gradient average
+  equals the mean over every token of the global batch (2 processes = 1 process with the same batch).
+- Checkpoints are written to a temporary folder, renamed, then `latest` is replaced atomically: a kill at any
+  moment leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+# ------------------------------------------------------------------------------------------------------------
+# The process group and collectives
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); nccl on GPUs, gloo on CPU, one process without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_sum(x: float | torch.Tensor) -> float:
+    """Sum of a number over ranks (on the GPU under nccl, which reduces no CPU tensor)."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if nccl else None).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def all_gather_list(values: list) -> list:
+    """Every rank's list, concatenated in rank order (one process: the list itself)."""
+    if not dist.is_initialized():
+        return list(values)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def token_mean_scale(local_count: float, global_count: float) -> float:
+    """Factor that turns a local mean into its share of the global mean: FSDP averages gradients over ranks,
+    so a rank's loss is weighted by world * local / global. 2 processes then equal 1 with the same batch."""
+    return world_size() * local_count / max(global_count, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = False) -> torch.nn.Module:
+    """FSDP2: fully_shard every decoder layer and vision block (the model's `_no_split_modules`), then the root.
+
+    GPU: bf16 parameters in compute, fp32 gradient reductions (fp32 master weights stay sharded).
+    keep_gathered: a layer keeps its gathered weights from forward to backward instead of gathering them again.
+    One process: no sharding.
+    """
+    if world_size() == 1:
+        return model
+    mesh = init_device_mesh(device.type, (world_size(),))
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep_gathered)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_pretrained(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False,
+                    keep_gathered: bool = False):
+    """(model, tokenizer, image processor) of a VLM checkpoint folder, through the Auto classes, in fp32, sharded
+    with `shard`. With `checkpointing`, each layer's activations are recomputed in backward instead of stored."""
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = AutoImageProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    model.requires_grad_(trainable)
+    if checkpointing and trainable:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return shard(model.train(trainable), device, keep_gathered and trainable), tok, proc
+
+
+def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[torch.Tensor, slice]]:
+    """Micro-batches (gradient accumulation) of about `size` sequences, each cut to its longest response: less
+    padding, the same sums. (row indices, column slice) pairs over the response mask [N, T]. Rows come in whole
+    groups of `group` consecutive rows (one prompt's responses, whose prompt then runs once), groups of similar
+    lengths together.
+
+        lengths [3, 1, 9, 8 | 2, 2, 1, 1], group=4, size=4  ->  (rows [4, 5, 6, 7], cols :2),
+                                                                (rows [0, 1, 2, 3], cols :9)
+    """
+    longest = mask.sum(1).view(-1, group).amax(1)                            # [N / group]
+    out = []
+    for g in longest.argsort(stable=True).split(max(1, size // group)):    # groups, shortest first
+        rows = (g[:, None] * group + torch.arange(group, device=mask.device)).flatten()
+        out.append((rows, slice(0, max(1, int(longest[g].max())))))
+    return out
+
+
+def sync_gradients(model: torch.nn.Module, last: bool) -> None:
+    """FSDP2 gradient accumulation: keep a step's micro-batch gradients local and reduce-scatter once, with the
+    last one (the same sum, one collective per layer instead of one per micro-batch)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+
+
+def grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` and return their norm before clipping (a DTensor under FSDP2)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole (unsharded) state dict on CPU, on rank 0 (a collective under FSDP)."""
+    if world_size() == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optim_state(model, optimizer, state=None):
+    """Get (state=None) or set the full optimizer state dict, the same on every rank count."""
+    if state is None:
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def save_pretrained(module, path: Path, *extras) -> None:
+    """`save_pretrained` of the whole module (gathered from the shards) and of `extras` (tokenizer, image
+    processor) on rank 0: the folder then loads with `from_pretrained` and no project code."""
+    sd = full_state_dict(module)
+    if rank() == 0:
+        module.save_pretrained(path, state_dict=sd)
+        for extra in extras:
+            extra.save_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, resumable
+
+
+def fingerprint(checkpoint: str | Path) -> str:
+    """sha256 of a checkpoint's weight files: which weights, not which folder."""
+    h = hashlib.sha256()
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator) -> None:
+    """runs/<name>/checkpoints/step-N: each trained model (save_pretrained into its own folder), the optimizers,
+    every rank's RNG, and `state` (JSON) with the step. trained: {folder name: (model, optimizer, extras)}.
+    Written to a temporary folder and renamed, then `latest` is replaced atomically."""
+    me = rank()
+    tmp = run / "checkpoints" / f"step-{step}.tmp"
+    final = run / "checkpoints" / f"step-{step}"
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    optim = {}
+    for name, (model, optimizer, extras) in trained.items():
+        save_pretrained(model, tmp / name, *extras)
+        optim[name] = optim_state(model, optimizer)
+    rng = {"generator": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save(rng, tmp / f"rng-rank{me}.pt")
+    if me == 0:
+        torch.save(optim, tmp / "optimizers.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step)))
+    barrier()
+    if me == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (run / "checkpoints" / "latest.tmp").write_text(final.name)
+        os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
+    barrier()
+
+
+def load_checkpoint(ckpt: Path, trained: dict, gen: torch.Generator) -> dict:
+    """The optimizer and RNG states of a checkpoint into the optimizers of `trained` and into `gen` (the weights
+    are loaded with the models); returns the saved state (step, counters)."""
+    optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
+    for name, (model, optimizer, _) in trained.items():
+        optim_state(model, optimizer, optim[name])
+    rng = torch.load(ckpt / f"rng-rank{rank()}.pt", weights_only=False)
+    gen.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    p = run / "checkpoints" / "latest"
+    return run / "checkpoints" / p.read_text().strip() if p.exists() else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SIGTERM: finish the step, save, stop
+
+_SIGTERM = {"received": False}  # set by the handler; read through stop_requested()
+
+
+def catch_sigterm() -> None:
+    """From now on SIGTERM only sets a flag; the training loop saves and stops at its next check."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    _SIGTERM["received"] = True
+
+
+def stop_requested() -> bool:
+    """Whether any rank has received SIGTERM (a collective: every rank gets the same answer)."""
+    return all_sum(float(_SIGTERM["received"])) > 0
