@@ -435,7 +435,8 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
         for i, (mb, w) in enumerate(micro):
             sync_gradients(model, i == len(micro) - 1)
             part = [batch[j] for j in mb.tolist()]
-            prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in part], load_images(part)), device)
+            prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in part], load_images(part),
+                                               family=model.config.model_type), device)
             logp = response_logprobs(model, prompts, ids[mb, w], mask[mb, w])            # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                                    # token-mean cross-entropy
             (loss * world_size()).backward()                # FSDP averages gradients over ranks
@@ -474,7 +475,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
         batch = rows[i:i + 16]
-        prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch)), device)
+        prompts = to_device(encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch),
+                                           family=model.config.model_type), device)
         out_ = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         repetition_penalty=cfg.repetition_penalty, generator=gen)
@@ -504,7 +506,8 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: dict, names: list
     (prompts, ids [N, T], mask [N, T], k = responses per question, n teacher responses truncated)."""
     from rollout import encode_prompts, encode_responses, generate
     G, tok = cfg.group_size, m["tok"]
-    prompts = to_device(encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch)), m["device"])
+    prompts = to_device(encode_prompts(tok, m["proc"], [r["question"] for r in batch], load_images(batch),
+                                       family=m["policy"].config.model_type), m["device"])
     with torch.no_grad():
         roll = generate(m["policy"], prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
