@@ -136,6 +136,9 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
+TEACHER_ONLY = ("qwen3_vl_moe",)  # config.model_type of checkpoints that run as teachers only
+
+
 def check_config(cfg: Config) -> None:
     """Fail before any work on values that cannot run."""
     choices = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
@@ -158,6 +161,12 @@ def check_config(cfg: Config) -> None:
         path = getattr(cfg, key)
         if path and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
+    config = Path(cfg.student or "", "config.json")
+    model_type = json.loads(config.read_text()).get("model_type") if cfg.student and config.exists() else None
+    if model_type in TEACHER_ONLY:
+        raise SystemExit(f"--student {cfg.student} is a {model_type} checkpoint (mixture of experts): training an "
+                         "MoE student is not supported (no expert parallelism, no router load-balancing loss); it "
+                         f"runs as a teacher: python -m data.teacher_cache --data DATA --teacher NAME={cfg.student}")
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
