@@ -1,6 +1,7 @@
-"""Qwen3-VL specifics (the family-wide paths run in tests/test_families.py): DeepStack in the hand-written decode
-loop, positions equal to the model's own get_rope_index, the family chosen by config.model_type, and Qwen3-VL-MoE
-as a teacher (greedy equal to transformers, a teacher cache filled with it, refused as a student by ril.py)."""
+"""Qwen3-VL specifics (the family-wide paths run in tests/test_families.py): DeepStack in the hand-written
+decode loop, positions equal to the model's own get_rope_index, the family chosen by config.model_type, and
+Qwen3-VL-MoE as a teacher (greedy equal to transformers, a teacher cache filled with it, refused as a student
+by ril.py)."""
 import copy
 import json
 import os
@@ -34,11 +35,11 @@ def moe(tiny_qwen3vl_moe):
 
 
 def test_positions_match_get_rope_index(dense, batch):
-    """Image tokens at 32 px each (16 px patches, 2 x 2 merge); 3-D positions and the first response position as
-    Qwen3VLModel.get_rope_index computes them."""
+    """Image tokens at 32 px each (16 px patches, 2 x 2 merge); 3-D positions and the first response position
+    as Qwen3VLModel.get_rope_index computes them."""
     model, tok, ip = dense
     p = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
-    assert p["mm_token_type_ids"].sum(1).tolist() == [9, 8, 0, 6]        # 96x96, 128x64, -, 64x96 px after resizing
+    assert p["mm_token_type_ids"].sum(1).tolist() == [9, 8, 0, 6]        # resized to 96x96, 128x64, -, 64x96
     pos, deltas = model.model.get_rope_index(p["input_ids"], p["mm_token_type_ids"], p["image_grid_thw"],
                                              attention_mask=p["attention_mask"])
     m = p["attention_mask"].bool()
@@ -47,8 +48,8 @@ def test_positions_match_get_rope_index(dense, batch):
 
 
 def test_family_is_chosen_by_model_type(dense, batch):
-    """Qwen3-VL ships Qwen2-VL's image processor class: the model type names the family, an unknown or mismatched
-    one fails with a message, and the image-processor fallback encodes exactly what the model type does."""
+    """Qwen3-VL ships Qwen2-VL's image processor class: the model type names the family, an unknown or
+    mismatched one fails with a message, and the image-processor fallback encodes exactly what the model type does."""
     _, tok, ip = dense
     by_type = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
     fallback = R.encode_prompts(tok, ip, *batch)
@@ -62,11 +63,12 @@ def test_family_is_chosen_by_model_type(dense, batch):
 
 
 def test_deepstack_is_applied_in_prefill(dense, batch, monkeypatch):
-    """DeepStack matters on this checkpoint (zeroing its features changes transformers' greedy output on the rows
-    with an image), rollout.generate matches the model with it, and without add_deepstack it would match only the
-    zeroed model: the test that fails if the decode loop drops the features."""
+    """DeepStack matters on this checkpoint (zeroing its features changes transformers' greedy output on the
+    rows with an image), rollout.generate matches the model with it, and without add_deepstack it would match
+    only the zeroed model: the test that fails if the decode loop drops the features."""
     model, tok, ip = dense
-    assert len(model.config.vision_config.deepstack_visual_indexes) == 2 < model.config.text_config.num_hidden_layers
+    config = model.config
+    assert len(config.vision_config.deepstack_visual_indexes) == 2 < config.text_config.num_hidden_layers
     p = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
     _, deepstack = R.embed_prompts(model, p)
     assert len(deepstack) == 2 and all(f.shape == (23, 64) and m.sum() == 23 for m, f in deepstack)
@@ -92,9 +94,9 @@ def test_qk_norm_is_applied(dense, batch, monkeypatch):
     p = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
     theirs = hf_generate(model, p, do_sample=False, max_new_tokens=8, eos_token_id=[])
     for layer in R.text_model(model).layers:
-        monkeypatch.delattr(layer.self_attn, "q_norm")   # rollout then skips q/k norms; transformers is not asked
-    assert not torch.equal(R.generate(model, p, temperature=0, max_new_tokens=8, eos_token_id=[]).response_ids,
-                           theirs)
+        monkeypatch.delattr(layer.self_attn, "q_norm")   # rollout then skips q/k norms (transformers ran above)
+    ours = R.generate(model, p, temperature=0, max_new_tokens=8, eos_token_id=[]).response_ids
+    assert not torch.equal(ours, theirs)
 
 
 def test_moe_teacher_greedy_equals_transformers(moe, batch):
