@@ -49,7 +49,7 @@ def test_positions_match_get_rope_index(dense, batch):
 
 def test_family_is_chosen_by_model_type(dense, batch):
     """Qwen3-VL ships Qwen2-VL's image processor class: the model type names the family, an unknown or
-    mismatched one fails with a message, and the image-processor fallback encodes exactly what the model type does."""
+    mismatched one fails with a message, and the image-processor fallback encodes what the model type does."""
     _, tok, ip = dense
     by_type = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
     fallback = R.encode_prompts(tok, ip, *batch)
@@ -94,7 +94,7 @@ def test_qk_norm_is_applied(dense, batch, monkeypatch):
     p = R.encode_prompts(tok, ip, *batch, family="qwen3_vl")
     theirs = hf_generate(model, p, do_sample=False, max_new_tokens=8, eos_token_id=[])
     for layer in R.text_model(model).layers:
-        monkeypatch.delattr(layer.self_attn, "q_norm")   # rollout then skips q/k norms (transformers ran above)
+        monkeypatch.delattr(layer.self_attn, "q_norm")   # rollout then skips q/k norms (transformers ran)
     ours = R.generate(model, p, temperature=0, max_new_tokens=8, eos_token_id=[]).response_ids
     assert not torch.equal(ours, theirs)
 

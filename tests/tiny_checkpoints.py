@@ -84,52 +84,61 @@ def build_tiny_internvl(data_dir: Path, out: Path, seed: int = 2) -> Path:
     return save(Path(out), model, tok, proc)
 
 
-# Qwen3-VL's chat template (Qwen3-VL-*-Instruct's, without the tool-calling branches): unlike Qwen2.5-VL's, no
-# default system message; an image is <|vision_start|><|image_pad|><|vision_end|> where it stands in the content.
+# Qwen3-VL's chat template (Qwen3-VL-*-Instruct's, without the tool-calling branches): unlike Qwen2.5-VL's,
+# no default system message; an image is <|vision_start|><|image_pad|><|vision_end|> where it stands.
 QWEN3VL_CHAT_TEMPLATE = (
-    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' }}{%- if messages[0].content is string %}"
-    "{{- messages[0].content }}{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}"
-    "{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}{%- else %}"
+    "{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}"
     "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
-    "{%- for message in messages %}{%- if message.role == 'user' %}{{- '<|im_start|>' + message.role + '\n' }}"
-    "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for content in message.content %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
     "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
     "{%- set image_count.value = image_count.value + 1 %}"
-    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif content.type == 'video' or 'video' in content %}{%- set video_count.value = video_count.value + 1 %}"
-    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
     "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\n' }}"
     "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for item in message.content %}"
     "{%- if 'text' in item %}{{- item.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}"
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 # Qwen3-VL's tokens after Qwen2.5-VL's (tool calls, FIM, thinking), in the checkpoint's order.
-QWEN3_SPECIAL = SPECIAL + ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                           "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-                           "<think>", "</think>"]
-# Tiny Qwen3-VL language model: head_dim 32 != hidden / heads (as in Qwen3), mRoPE sections [6, 5, 5] of the 16
-# rotary frequencies (interleaved t h w t h w ..., the real checkpoints' [24, 20, 20] of 64).
+QWEN3_SPECIAL = SPECIAL + ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                           "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+                           "<tool_response>", "</tool_response>", "<think>", "</think>"]
+# Tiny Qwen3-VL language model: head_dim 32 != hidden / heads (as in Qwen3), mRoPE sections [6, 5, 5] of the
+# 16 rotary frequencies (interleaved t h w t h w ..., the real checkpoints' [24, 20, 20] of 64).
 QWEN3_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, initializer_range=0.1, max_position_embeddings=2048,
                   rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
                                    "mrope_interleaved": True})
-# Tiny Qwen3-VL vision tower: 2 blocks on 16 px patches, merged 2 x 2 (32 x 32 px per image token), a 4 x 4 learned
-# position grid, DeepStack features taken after blocks 0 and 1 (added after LM layers 0 and 1; real: [8, 16, 24]).
-QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                    temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
-                    deepstack_visual_indexes=[0, 1], initializer_range=0.1)
+# Tiny Qwen3-VL vision tower: 2 blocks on 16 px patches, merged 2 x 2 (32 x 32 px per image token), a 4 x 4
+# learned position grid, DeepStack features after blocks 0 and 1 (added after LM layers 0 and 1; real:
+# 8, 16, 24).
+QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                    num_position_embeddings=16, deepstack_visual_indexes=[0, 1], initializer_range=0.1)
 
 
 def qwen3vl_image_processor() -> Qwen2VLImageProcessorPil:
-    """Qwen3-VL's image processor: Qwen2-VL's class with 16 px patches and mean = std = 0.5 (the real checkpoints'
-    preprocessor_config.json); pixel limits small enough for the embedded scenes (84 px -> 96 px, 3 x 3 tokens)."""
-    return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, temporal_patch_size=2,
-                                    merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    """Qwen3-VL's image processor: Qwen2-VL's class with 16 px patches and mean = std = 0.5 (as the real
+    checkpoints' preprocessor_config.json); pixel limits for the embedded scenes (84 -> 96 px, 3 x 3
+    tokens)."""
+    return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16,
+                                    temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                                    image_std=[0.5, 0.5, 0.5])
 
 
 def build_tiny_qwen3vl(data_dir: Path, out: Path, seed: int = 3, moe: bool = False) -> Path:
-    """Qwen3-VL (dense, like Qwen/Qwen3-VL-8B-Instruct) or, with `moe`, Qwen3-VL-MoE (like Qwen3-VL-30B-A3B): every
-    decoder layer's MLP replaced by 4 experts, 2 per token. EOS is <|im_end|> or <|endoftext|> (generation_config)."""
+    """Qwen3-VL (dense, like Qwen/Qwen3-VL-8B-Instruct) or, with `moe`, Qwen3-VL-MoE (like Qwen3-VL-30B-A3B):
+    each decoder layer's MLP replaced by 4 experts, 2 per token. EOS: <|im_end|> or <|endoftext|>."""
     tok = train_tokenizer(corpus(Path(data_dir)), special=QWEN3_SPECIAL, chat_template=QWEN3VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
