@@ -96,7 +96,8 @@ def main():
     tok, ip = AutoTokenizer.from_pretrained(a.student), AutoImageProcessor.from_pretrained(a.student)
     model = AutoModelForImageTextToText.from_pretrained(a.student).to(a.device).eval()
     rows = [json.loads(line) for line in open(data / "train.jsonl")][:a.prompts]
-    prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows], [data / r["image"] for r in rows])
+    prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows], [data / r["image"] for r in rows],
+                                     family=model.config.model_type)
     prompts = {k: v.to(a.device) for k, v in prompts.items()}
     knobs = dict(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.05)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)

@@ -174,7 +174,7 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
     for i in tqdm(range(0, len(rows), batch_size), desc=f"eval T={temperature} x{num_samples}", disable=not progress):
         batch = rows[i:i + batch_size]
         prompts = rollout.encode_prompts(tokenizer, image_processor, [r["question"] for r in batch],
-                                         load_images(batch))
+                                         load_images(batch), family=model.config.model_type)
         prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
         out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,

@@ -136,6 +136,9 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
+TEACHER_ONLY = ("qwen3_vl_moe",)  # config.model_type of checkpoints that run as teachers only
+
+
 def check_config(cfg: Config) -> None:
     """Fail before any model loads on values that cannot run or would train silently wrong."""
     def fail(key: str, why: str):
@@ -171,6 +174,11 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
     if cfg.student and not (Path(cfg.student) / "config.json").exists():
         raise SystemExit(f"--student: {cfg.student} is not a checkpoint folder (no config.json)")
+    model_type = json.loads(Path(cfg.student, "config.json").read_text()).get("model_type") if cfg.student else None
+    if model_type in TEACHER_ONLY:
+        raise SystemExit(f"--student {cfg.student} is a {model_type} checkpoint (mixture of experts): training an "
+                         "MoE student is not supported (no expert parallelism, no router load-balancing loss); it "
+                         f"runs as a teacher: python -m data.teacher_cache --data DATA --teacher NAME={cfg.student}")
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
@@ -283,9 +291,10 @@ def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 
-def prompts_for(tok, proc, rows: list[dict], device) -> dict:
-    """rollout.encode_prompts of dataset rows (their questions and images), on `device`."""
-    prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in rows], load_images(rows))
+def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
+    """rollout.encode_prompts of dataset rows (their questions and images) for `model`'s family, on `device`."""
+    questions = [r["question"] for r in rows]
+    prompts = rollout.encode_prompts(tok, proc, questions, load_images(rows), family=model.config.model_type)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
 
 
@@ -321,7 +330,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
         nll = 0.0
         for i, (mb, w) in enumerate(micro):                 # each adds its share of the global token mean
             distributed.sync_gradients(model, i == len(micro) - 1)
-            prompts = prompts_for(tok, proc, [batch[j] for j in mb.tolist()], device)
+            prompts = prompts_for(model, tok, proc, [batch[j] for j in mb.tolist()], device)
             logp = rollout.response_logprobs(model, prompts, ids[mb, w], mask[mb, w])  # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                               # token-mean cross-entropy
             (loss * world).backward()                       # FSDP averages gradients over ranks
@@ -377,7 +386,7 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
-        out_ = rollout.generate(model, prompts_for(tok, proc, rows[i:i + 16], device),
+        out_ = rollout.generate(model, prompts_for(model, tok, proc, rows[i:i + 16], device),
                                 max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 repetition_penalty=cfg.repetition_penalty, generator=gen)
@@ -445,7 +454,7 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: li
               q0s0 q0s1 q0t0 q0t1 | q1s0 q1s1 q1t0 q1t1      (s: student sample, t: teacher response)
     """
     G, tok = cfg.group_size, m.tok
-    prompts = prompts_for(tok, m.proc, batch, m.device)
+    prompts = prompts_for(m.policy, tok, m.proc, batch, m.device)
     with torch.no_grad():
         roll = rollout.generate(m.policy, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

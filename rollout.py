@@ -7,8 +7,8 @@
 `generate` is a hand-written KV-cache decode loop rather than `model.generate`:
 - the vision tower and the prompt run once per prompt; the prompt's keys/values are then copied to its G samples;
 - the cache is preallocated, one K and one V tensor per layer, written in place; finished rows are dropped from it;
-- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL, from the image grid; 1-D for
-  InternVL), and nothing is read from or left on the model between calls (no `rope_deltas`);
+- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL / Qwen3-VL, from the image grid;
+  1-D for InternVL), and nothing is read from or left on the model between calls (no `rope_deltas`);
 - we call the decoder layers' own submodules (norms, projections, MLP) and do attention ourselves with SDPA,
   instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
   layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
@@ -18,8 +18,11 @@ responses form one packed row, each response attending to the prompt and to itse
 follows transformers' logits processors (repetition penalty, then temperature, top-k, top-p), in float32, except
 that left-padding does not count as a prompt token for the repetition penalty; with top-k, only the k
 candidates are sorted and drawn from (the same distribution).
-Supported: Qwen2-VL, Qwen2.5-VL and InternVL3 (transformers format, `-hf`); the families differ only in FAMILIES
-below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL (InternVL3's language model is Qwen2; text-only Qwen2 too).
+Supported: Qwen2-VL, Qwen2.5-VL, InternVL3 (transformers format, `-hf`) and Qwen3-VL (dense, and the MoE models
+as teachers); the families differ only in FAMILIES below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL
+(InternVL3's language model is Qwen2; text-only Qwen2 too) and Qwen3 / Qwen3-VL(-MoE): q/k RMSNorm per head
+(decoder_layer), DeepStack's vision features added to the image tokens after the first layers (embed_prompts,
+add_deepstack, prefill only), experts in place of the MLP (the layer's own `mlp` module).
 """
 from __future__ import annotations
 
@@ -32,16 +35,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------------------------
-# The family-specific part, all of it: how an image becomes tokens and which positions they get. Keyed by the image
-# processor's class name (a checkpoint ships its own). Text-only batches need no entry (plain 1-D positions).
-# image_token: what the chat template writes once per image (= config.image_token_id); kwargs: for the image
-# processor; per_image: the key of its output with one entry per image (Qwen: the patch grid t, h, w; InternVL: the
-# tile count); rows: entry -> rows of pixel_values; tokens: (entry, tokenizer, image processor) -> the ids that
-# replace the placeholder; inputs: the model's vision inputs; mrope: 3-D positions (Qwen2-VL family) or 1-D.
+# The family-specific part, all of it: how an image becomes tokens and which positions they get. Keyed by
+# the model's config.model_type (what identifies a family: Qwen2-VL, Qwen2.5-VL and Qwen3-VL share one image
+# processor class). Text-only batches need no entry (plain 1-D positions).
+# image_processor: the class (name prefix) the family ships; image_token: what the chat template writes once per
+# image (= config.image_token_id); kwargs: for the image processor; per_image: the key of its output with one
+# entry per image (Qwen: the patch grid t, h, w; InternVL: the tile count); rows: entry -> rows of pixel_values;
+# tokens: (entry, tokenizer, image processor) -> the ids that replace the placeholder; inputs: the model's vision
+# inputs; mrope: 3-D positions (Qwen-VL families) or 1-D.
 
 
 def qwen_image_tokens(grid_thw, tokenizer, image_processor) -> list[int]:
-    """Qwen2-VL family: <|image_pad|> once per merge x merge block of 14 px patches."""
+    """Qwen-VL families: <|image_pad|> once per merge x merge block of patches (Qwen2-VL / Qwen2.5-VL: 14 px
+    patches, 28 x 28 px per token; Qwen3-VL: 16 px patches, 32 x 32 px per token; read off the processor)."""
     return [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * (int(grid_thw.prod()) // image_processor.merge_size ** 2)
 
 
@@ -55,8 +61,10 @@ def internvl_image_tokens(n_tiles, tokenizer, image_processor) -> list[int]:
 
 
 def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.Tensor], merge: int) -> torch.Tensor:
-    """3-D (t, h, w) positions [3, L] of one unpadded row, as Qwen2-VL's get_rope_index: a text token advances all
-    three by 1; an image's tokens get (p + t, p + row, p + col) and the text after it starts at p + max(h, w)."""
+    """3-D (t, h, w) positions [3, L] of one unpadded row, as the Qwen-VL models' get_rope_index computes them
+    for images (Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike): a text token advances all three by 1; an image's tokens
+    get (p + t, p + row, p + col) and the text after it starts at p + max(h, w). (Qwen3-VL interleaves the three
+    over the rotary dims instead of giving each a block; its own rotary_emb does that from these positions.)"""
     pos, cur, i, grids = [], 0, 0, iter(grids)
     while i < len(ids):
         j = i
@@ -73,30 +81,43 @@ def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.
     return torch.cat(pos, 1)
 
 
-FAMILIES = {
-    "Qwen2VLImageProcessor": dict(image_token="<|image_pad|>", kwargs={}, per_image="image_grid_thw",
-                                  rows=lambda grid: int(grid.prod()), tokens=qwen_image_tokens,
-                                  inputs=("pixel_values", "image_grid_thw"), mrope=True),
-    "GotOcr2ImageProcessor": dict(image_token="<IMG_CONTEXT>", kwargs=dict(crop_to_patches=True),
-                                  per_image="num_patches", rows=int, tokens=internvl_image_tokens,
-                                  inputs=("pixel_values",), mrope=False),
-}
+QWEN_VL = dict(image_processor="Qwen2VLImageProcessor", image_token="<|image_pad|>", kwargs={},
+               per_image="image_grid_thw", rows=lambda grid: int(grid.prod()), tokens=qwen_image_tokens,
+               inputs=("pixel_values", "image_grid_thw"), mrope=True)
+INTERNVL = dict(image_processor="GotOcr2ImageProcessor", image_token="<IMG_CONTEXT>",
+                kwargs=dict(crop_to_patches=True), per_image="num_patches", rows=int, tokens=internvl_image_tokens,
+                inputs=("pixel_values",), mrope=False)
+FAMILIES = {"qwen2_vl": QWEN_VL, "qwen2_5_vl": QWEN_VL, "qwen3_vl": QWEN_VL, "qwen3_vl_moe": QWEN_VL,
+            "internvl": INTERNVL}
 
 
-def family_of(image_processor) -> dict:
+def family_of(image_processor, family: str | None = None) -> dict:
+    """The FAMILIES entry of a checkpoint's config.model_type (`family`), checked against its image processor.
+    Without `family`: the entry whose image processor this is. That is exact for images, since the Qwen-VL
+    generations share Qwen2VLImageProcessor and expand and position an image alike; they part on video
+    (Qwen3-VL puts frame timestamps between frames), which rollout does not encode."""
     name = type(image_processor).__name__
-    for prefix, family in FAMILIES.items():
-        if name.startswith(prefix):
-            return family
-    raise ValueError(f"no rollout family for image processor {name}; add one to rollout.FAMILIES")
+    if family is None:
+        found = [f for f in FAMILIES.values() if name.startswith(f["image_processor"])]
+        if not found:
+            raise ValueError(f"no rollout family for image processor {name}; pass family=config.model_type")
+        return found[0]
+    if family not in FAMILIES:
+        raise ValueError(f"no rollout family for model_type {family!r} (known: {', '.join(FAMILIES)}); "
+                         "add one to rollout.FAMILIES")
+    if not name.startswith(FAMILIES[family]["image_processor"]):
+        raise ValueError(f"model_type {family} ships {FAMILIES[family]['image_processor']}, got {name}")
+    return FAMILIES[family]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and responses as tensors
 
 
-def encode_prompts(tokenizer, image_processor, questions: list[str], images: list, system: str | None = None) -> dict:
+def encode_prompts(tokenizer, image_processor, questions: list[str], images: list, system: str | None = None,
+                   family: str | None = None) -> dict:
     """Chat prompts for a batch, left-padded. `images[i]` is a PIL image, a path, or None (text-only).
+    `family`: the checkpoint's config.model_type (see family_of; needed only for images).
 
     Returns input_ids / attention_mask / mm_token_type_ids [B, P], position_ids ([3, B, P] when the batch has
     images of an mRoPE family, else [B, P]), next_position [B] (the position of the first response token), and
@@ -104,7 +125,7 @@ def encode_prompts(tokenizer, image_processor, questions: list[str], images: lis
     image_rows [images] (rows of pixel_values per image)."""
     rows, vision = [], [im for im in images if im is not None]
     vision = [Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im for im in vision]
-    family = family_of(image_processor) if vision else None
+    family = family_of(image_processor, family) if vision else None
     pix = image_processor(images=vision, return_tensors="pt", **family["kwargs"]) if vision else {}
     per_image = iter(pix[family["per_image"]]) if vision else None
     img_id = tokenizer.convert_tokens_to_ids(family["image_token"]) if family else -1
@@ -200,18 +221,31 @@ def placeholder_ids(model) -> list[int]:
             if i is not None]
 
 
-def embed_prompts(model, prompts: dict) -> torch.Tensor:
-    """Token embeddings of the prompts with the vision tower's features scattered over the image tokens. [B, P, d]"""
+def embed_prompts(model, prompts: dict) -> tuple[torch.Tensor, list]:
+    """Token embeddings of the prompts with the vision tower's features scattered over the image tokens
+    [B, P, d], and the DeepStack inputs: Qwen3-VL's vision tower also gives features from some of its middle
+    layers, which its language model adds to the image tokens' hidden states after its first decoder layers
+    (add_deepstack), one (is_image [B, P], features [image tokens, d]) per such layer; [] for the other
+    families and for text-only batches."""
     ids = prompts["input_ids"]
     x = text_model(model).embed_tokens(ids)                                   # [B, P, d]
-    if "pixel_values" in prompts:                                             # Qwen: per image [n, d]; InternVL: per
-        out = model.model.get_image_features(**vision_inputs(prompts)).pooler_output  # tile [tokens, d]
-        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in out])          # [image tokens, d]
-        is_image = ids == model.config.image_token_id                         # [B, P]
-        if feats.shape[0] != int(is_image.sum()):
-            raise ValueError(f"{int(is_image.sum())} image tokens in the prompts but {feats.shape[0]} image features:"
-                             " rollout.FAMILIES expands images differently from this checkpoint")
-        x = x.masked_scatter(is_image[..., None], feats.to(x.device, x.dtype))
+    if "pixel_values" not in prompts:
+        return x, []
+    out = model.model.get_image_features(**vision_inputs(prompts))  # Qwen: per image [n, d]; InternVL: per tile
+    feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])  # [image tokens, d]
+    is_image = ids == model.config.image_token_id                             # [B, P]
+    if feats.shape[0] != int(is_image.sum()):
+        raise ValueError(f"{int(is_image.sum())} image tokens in the prompts but {feats.shape[0]} image "
+                         "features: rollout.FAMILIES expands images differently from this checkpoint")
+    deep = [torch.cat(f).to(x.device, x.dtype) for f in getattr(out, "deepstack_features", None) or []]
+    return x.masked_scatter(is_image[..., None], feats.to(x.device, x.dtype)), [(is_image, f) for f in deep]
+
+
+def add_deepstack(x, is_image, feats) -> torch.Tensor:
+    """DeepStack (Qwen3-VL): features [image tokens, d] added to the image tokens' hidden states x [n, L, d],
+    as Qwen3VLTextModel._deepstack_process does after each of the language model's first decoder layers."""
+    is_image = is_image.to(x.device)
+    x[is_image] = x[is_image] + feats.to(x.device)
     return x
 
 
@@ -226,8 +260,11 @@ def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
     attends to the cache up to start+L under the additive `bias` [n, 1, L, start+L] (0 = may attend, -inf = not)."""
     attn, (n, L, _) = layer.self_attn, x.shape
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)          # [n, Hq, L, D]
-    k = attn.k_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)          # [n, Hkv, L, D]
+    q = attn.q_proj(h).view(n, L, -1, attn.head_dim)                          # [n, L, Hq, D]
+    k = attn.k_proj(h).view(n, L, -1, attn.head_dim)                          # [n, L, Hkv, D]
+    if hasattr(attn, "q_norm"):                                # Qwen3(-VL): an RMSNorm per head, before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)                               # [n, Hq, L, D], [n, Hkv, L, D]
     v = attn.v_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)
     k_cache[:, :, start:start + L] = rope(k, cos, sin)
     v_cache[:, :, start:start + L] = v
@@ -242,14 +279,17 @@ def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def forward(model, x, cos, sin, k, v, start: int, bias) -> torch.Tensor:
+def forward(model, x, cos, sin, k, v, start: int, bias, deepstack=()) -> torch.Tensor:
     """All decoder layers on embeddings x [n, L, d] with rotary cos/sin [n, L, D] and the per-layer caches k, v
-    (lists of [n, Hkv, S, D]); logits of the last position, float32 [n, V], on x's device. A model whose layers sit
-    on several GPUs (loaded with device_map) works too: each layer's inputs move to its cache's device."""
+    (lists of [n, Hkv, S, D]); logits of the last position, float32 [n, V], on x's device. `deepstack`
+    (prefill only): embed_prompts' DeepStack inputs, the i-th added after decoder layer i. A model whose layers
+    sit on several GPUs (loaded with device_map) works too: each layer's inputs move to its cache's device."""
     lm, device = text_model(model), x.device
-    for layer, kc, vc in zip(lm.layers, k, v):
+    for i, (layer, kc, vc) in enumerate(zip(lm.layers, k, v)):
         d = kc.device                                                         # (.to is a no-op on one device)
         x = decoder_layer(layer, x.to(d), cos.to(d), sin.to(d), kc, vc, start, bias.to(d))
+        if i < len(deepstack):
+            x = add_deepstack(x, *deepstack[i])
     x = lm.norm(x[:, -1].to(lm.norm.weight.device))
     return model.lm_head(x.to(model.lm_head.weight.device)).float().to(device)
 
@@ -378,7 +418,7 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     was_training = model.training  # eval mode while sampling: no dropout, no gradient-checkpointing wrappers
     with unsharded(model.eval()):
         # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
-        x = embed_prompts(model, prompts)                                     # [B, P, d]
+        x, deepstack = embed_prompts(model, prompts)                          # [B, P, d]
         k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype)
         # Attention bias over the cache [n, P + max_new_tokens], additive: -inf on prompt pads, 0 elsewhere (a step
         # reads only the columns written so far). The prefill's is causal on top of that; pads see themselves.
@@ -388,7 +428,8 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
         prefill_bias = bias[::G, None, None, :P] + causal
         prefill_bias.diagonal(dim1=-2, dim2=-1).zero_()                       # [B, 1, P, P]
         cos, sin = lm.rotary_emb(x, prompts["position_ids"])                  # [B, P, D]
-        logits = forward(model, x, cos, sin, [c[::G] for c in k], [c[::G] for c in v], 0, prefill_bias)  # [B, V]
+        logits = forward(model, x, cos, sin, [c[::G] for c in k], [c[::G] for c in v], 0, prefill_bias,
+                         deepstack)                                           # [B, V]
         share_prefill(k, v, G, P)
         logits = logits.repeat_interleave(G, 0)                               # [n, V]
         seen = torch.zeros(n, logits.shape[-1], device=device)                # [n, V] prompt tokens, not pads

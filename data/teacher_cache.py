@@ -76,7 +76,8 @@ def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_t
     """need[i] sampled responses for question i of the batch (max(need) drawn for each, the first need[i] kept),
     and how many of the kept ones hit max_new_tokens before their end-of-sequence token."""
     device = rollout.text_model(model).embed_tokens.weight.device
-    prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch))
+    prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch),
+                                     family=model.config.model_type)
     prompts = {k: v.to(device) for k, v in prompts.items()}
     G = max(need)
     out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=G,

@@ -7,7 +7,7 @@ from PIL import Image
 
 from data.build import build
 from data.tiny_student import build_tiny_student
-from tests.tiny_checkpoints import build_tiny_internvl, build_tiny_qwen2vl
+from tests.tiny_checkpoints import build_tiny_internvl, build_tiny_qwen2vl, build_tiny_qwen3vl
 
 SMALL = {"sft": 200, "train": 120, "val": 40, "test": 40}
 
@@ -36,10 +36,22 @@ def tiny_internvl(embedded, tmp_path_factory):
     return build_tiny_internvl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3vl(embedded, tmp_path_factory):
+    """Path of a tiny Qwen3-VL checkpoint, DeepStack included (tests/tiny_checkpoints.py)."""
+    return build_tiny_qwen3vl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_moe(embedded, tmp_path_factory):
+    """Path of a tiny Qwen3-VL-MoE checkpoint (4 experts, 2 per token), a teacher (tests/tiny_checkpoints.py)."""
+    return build_tiny_qwen3vl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl-moe", moe=True)
+
+
 @pytest.fixture(scope="module")
 def batch(embedded):
-    """Four questions of different lengths: three images of different sizes (Qwen2.5-VL: 9, 8 and 6 image tokens;
-    InternVL: 5, 3 and 3 tiles), one text-only."""
+    """Four questions of different lengths: three images of different sizes (Qwen2.5-VL and Qwen3-VL: 9, 8 and 6
+    image tokens; InternVL: 5, 3 and 3 tiles), one text-only."""
     rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
     images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
     images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]

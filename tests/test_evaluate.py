@@ -96,8 +96,8 @@ def test_evaluate_model_bookkeeping(monkeypatch):
     script = {"q0": [[1, 1], [3, 0], [1, 0]], "q1": [[4, 0], [2, 0], [3, 3]], "q2": [[4, 4], [3, 0], [2, 0]]}
     seen = []
 
-    def encode_prompts(tokenizer, image_processor, questions, images):
-        assert images == [None] * len(questions)
+    def encode_prompts(tokenizer, image_processor, questions, images, family=None):
+        assert images == [None] * len(questions) and family == "qwen2_5_vl"  # the model's config.model_type
         return {"input_ids": torch.zeros(len(questions), 4, dtype=torch.long), "questions": questions}
 
     def generate(model, prompts, *, max_new_tokens, num_samples, temperature, top_p, top_k, eos_token_id, generator):
@@ -108,6 +108,7 @@ def test_evaluate_model_bookkeeping(monkeypatch):
     monkeypatch.setattr(rollout, "encode_prompts", encode_prompts, raising=False)
     monkeypatch.setattr(rollout, "generate", generate, raising=False)
     model = torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(model_type="qwen2_5_vl")
     r = evaluate_model(model, WordTokenizer(), None, rows, temperature=1.0, num_samples=3, batch_size=2)
     assert seen == [(2, 3, 1.0), (1, 3, 1.0)] and model.training
     assert r["correct"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]

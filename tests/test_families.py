@@ -1,5 +1,5 @@
-"""Every student family through every path: Qwen2.5-VL (the tiny student), Qwen2-VL and InternVL3 (tiny checkpoints
-laid out like the hub's, tests/tiny_checkpoints.py). Prompts against each checkpoint's own processor, greedy
+"""Every student family through every path: Qwen2.5-VL (the tiny student), Qwen2-VL, InternVL3 and Qwen3-VL (tiny
+checkpoints laid out like the hub's, tests/tiny_checkpoints.py). Prompts against each checkpoint's own processor, greedy
 `rollout.generate` against transformers, log-probs against each sequence run alone, the discriminator built from
 each student, and the SFT, discriminator and RL stages of ril.py under torchrun with 2 processes."""
 import inspect
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, InternVLProcessor,
-                          ProcessorMixin, Qwen2VLProcessor)
+                          ProcessorMixin, Qwen2VLProcessor, Qwen3VLProcessor)
 
 import rollout as R
 from discriminator import Discriminator, p_student
@@ -24,7 +24,9 @@ FAMILIES = {"qwen2_5_vl": ("tiny_student", "Qwen2_5_VLForConditionalGeneration",
                            Qwen2VLProcessor),
             "qwen2_vl": ("tiny_qwen2vl", "Qwen2VLForConditionalGeneration", "Qwen2VLImageProcessorPil", Qwen2VLProcessor),
             "internvl": ("tiny_internvl", "InternVLForConditionalGeneration", "GotOcr2ImageProcessorPil",
-                         InternVLProcessor)}
+                         InternVLProcessor),
+            "qwen3_vl": ("tiny_qwen3vl", "Qwen3VLForConditionalGeneration", "Qwen2VLImageProcessorPil",
+                         Qwen3VLProcessor)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -53,7 +55,7 @@ def test_prompts_equal_the_checkpoints_own_processor(student, batch, monkeypatch
     proc = FAMILIES[student.name][3](image_processor=student.ip, tokenizer=student.tok, video_processor=None,
                                      chat_template=student.tok.chat_template, **kw)
     questions, images = batch
-    p = R.encode_prompts(student.tok, student.ip, questions, images)
+    p = R.encode_prompts(student.tok, student.ip, questions, images, family=student.model.config.model_type)
     for b, (question, image) in enumerate(zip(questions, images)):
         content = question if image is None else [{"type": "image"}, {"type": "text", "text": question}]
         text = student.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -63,6 +65,8 @@ def test_prompts_equal_the_checkpoints_own_processor(student, batch, monkeypatch
         assert torch.equal(ours["input_ids"], theirs["input_ids"]), (student.name, b)
         for k in ("pixel_values", "image_grid_thw"):
             assert (k in ours) == (k in theirs) and (k not in ours or torch.equal(ours[k], theirs[k])), (b, k)
+        if "mm_token_type_ids" in theirs:                        # Qwen3VLProcessor: 1 on image tokens
+            assert torch.equal(ours["mm_token_type_ids"], theirs["mm_token_type_ids"]), b
     if student.name == "internvl":
         assert p["image_rows"].tolist() == [5, 3, 3] and p["mm_token_type_ids"].sum(1).tolist() == [20, 12, 0, 12]
         assert p["position_ids"].dim() == 2                      # 1-D positions
@@ -112,7 +116,7 @@ def test_discriminator_from_the_student(student, tmp_path):
     torch.testing.assert_close(p_student(Discriminator.from_pretrained(tmp_path / "d").eval(), student.tok, texts), p)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "internvl"])  # Qwen2.5-VL: tests/test_ril.py
+@pytest.mark.parametrize("name", ["qwen2_vl", "internvl", "qwen3_vl"])  # Qwen2.5-VL: tests/test_ril.py
 def test_sft_disc_and_rl_stages_under_torchrun(name, request, embedded, tmp_path):
     """SFT, then the discriminator pre-trained from the SFT student and 2 RIL steps, each with 2 processes."""
     path = request.getfixturevalue(FAMILIES[name][0])
