@@ -1,4 +1,4 @@
-"""RIL: unified reinforcement and imitation learning for vision-language models (arXiv 2510.19307, Algorithm 2).
+"""RIL: unified reinforcement and imitation learning for vision-language models (arXiv 2510.19307).
 
     torchrun --nproc_per_node=2 ril.py                   # the embedded run: builds what is missing, trains
     python ril.py --algo drgrpo                          # Algorithm 1 baseline, one process
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import discriminator
 import distributed
 import evaluate
-import rewards as R
+import rewards
 import rollout
 from data.build import build_missing
 from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
@@ -103,8 +103,8 @@ class Config:
 
 
 # The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
-# learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults only
-# when no --student is given, and only for flags not set on the command line. How they were chosen: docs/LOG.md.
+# learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults
+# only without --student, and only for flags not given. How they were chosen: docs/LOG.md.
 EMBEDDED = dict(lr=3e-4, beta=0.1, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-4, batch_size=16,
                 steps=200, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
                 sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
@@ -119,8 +119,9 @@ CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"
 def parse_config(argv=None) -> Config:
     """argparse built from Config; embedded defaults apply when no --student is given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"without --student these defaults change (the embedded run): {EMBEDDED}")
-    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # each field's comment
+                                epilog=f"without --student these defaults change: {EMBEDDED}")
+    fields = inspect.getsource(Config)
+    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", fields, re.M))  # each field's comment: its help
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --flag / --no-flag (an EMBEDDED default can be turned off)
@@ -174,11 +175,14 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
     if cfg.student and not (Path(cfg.student) / "config.json").exists():
         raise SystemExit(f"--student: {cfg.student} is not a checkpoint folder (no config.json)")
-    model_type = json.loads(Path(cfg.student, "config.json").read_text()).get("model_type") if cfg.student else None
+    model_type = None
+    if cfg.student:
+        model_type = json.loads(Path(cfg.student, "config.json").read_text()).get("model_type")
     if model_type in TEACHER_ONLY:
-        raise SystemExit(f"--student {cfg.student} is a {model_type} checkpoint (mixture of experts): training an "
-                         "MoE student is not supported (no expert parallelism, no router load-balancing loss); it "
-                         f"runs as a teacher: python -m data.teacher_cache --data DATA --teacher NAME={cfg.student}")
+        raise SystemExit(f"--student {cfg.student} is a {model_type} checkpoint (mixture of experts): "
+                         "training an MoE student is not supported (no expert parallelism, no router "
+                         "load-balancing loss); it runs as a teacher: "
+                         "python -m data.teacher_cache --data DATA --teacher NAME=PATH")
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
@@ -223,8 +227,9 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
     """Eq. 2, negated for minimisation, per token:
 
         -min(r A, clip(r, 1-eps, 1+eps) A) + beta * k3,   r = pi_theta / pi_old,
-        k3 = exp(ref - logp) - (ref - logp) - 1   (non-negative; on tokens sampled from pi_theta an unbiased
-                                                    estimate of KL(pi_theta || pi_ref); the teacher tokens are not)
+        k3 = exp(ref - logp) - (ref - logp) - 1   (non-negative; on tokens sampled from pi_theta an
+                                                    unbiased estimate of KL(pi_theta || pi_ref); on the
+                                                    teacher tokens it is not)
 
     logprobs, old_logprobs, ref_logprobs: [N, T] (ref may be None when beta == 0); advantages: [N];
     mask: [N, T] bool. Returns (loss, stats) with stats detached floats.
@@ -255,8 +260,8 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
 
 def sampler_defaults(model, tok, cfg: Config) -> None:
     """Make the student's generation_config (saved with it) describe the project's sampler, so that a saved
-    student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image /
-    video placeholders suppressed, EOS and pad set, the run's sampling settings and response cap as defaults."""
+    student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image
+    and video placeholders suppressed, EOS and pad set, the run's sampling settings and response cap."""
     gc = model.generation_config
     gc.suppress_tokens = rollout.placeholder_ids(model)
     gc.eos_token_id = rollout.eos_list(model, None) or [tok.eos_token_id]
@@ -271,14 +276,14 @@ def sampler_defaults(model, tok, cfg: Config) -> None:
 
 def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the student, the vision side (every parameter outside the language model and its head: the
-    vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (as the paper)."""
+    vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (the paper's)."""
     lm = {id(p) for p in rollout.text_model(model).parameters()}
     lm |= {id(p) for p in model.get_output_embeddings().parameters()}
     vision = [p for p in model.parameters() if id(p) not in lm]
     groups = [dict(params=[p for p in model.parameters() if id(p) in lm], lr=lr)]
     if vision:
         groups.append(dict(params=vision, lr=lr * vision_lr_scale))
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # (DTensors: else a per-tensor loop)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # DTensors: else one per tensor
 
 
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
@@ -292,7 +297,7 @@ def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
-    """rollout.encode_prompts of dataset rows (their questions and images) for `model`'s family, on `device`."""
+    """rollout.encode_prompts of dataset rows (questions and images) for `model`'s family, on `device`."""
     questions = [r["question"] for r in rows]
     prompts = rollout.encode_prompts(tok, proc, questions, load_images(rows), family=model.config.model_type)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
@@ -312,7 +317,8 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     if cfg.sft_batch_size % world:
         raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of the {world} processes")
     if rank == 0 and len(rows) < len(all_rows):
-        print(f"sft: {len(all_rows) - len(rows)} of {len(all_rows)} rows have no `response`: skipped", flush=True)
+        skipped = len(all_rows) - len(rows)
+        print(f"sft: {skipped} of {len(all_rows)} rows have no `response`: skipped", flush=True)
     model, tok, proc = distributed.load_pretrained(init, device, checkpointing=cfg.grad_checkpointing,
                                     keep_gathered=cfg.keep_gathered)
     sampler_defaults(model, tok, cfg)
@@ -332,7 +338,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
             distributed.sync_gradients(model, i == len(micro) - 1)
             prompts = prompts_for(model, tok, proc, [batch[j] for j in mb.tolist()], device)
             logp = rollout.response_logprobs(model, prompts, ids[mb, w], mask[mb, w])  # [mb, t]
-            loss = -(logp * mask[mb, w]).sum() / total                               # token-mean cross-entropy
+            loss = -(logp * mask[mb, w]).sum() / total                          # token-mean cross-entropy
             (loss * world).backward()                       # FSDP averages gradients over ranks
             nll += loss.item()
         distributed.grad_norm(model, cfg.grad_clip)
@@ -347,7 +353,7 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
 
-ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it was pre-trained on
+ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it learnt from
 
 
 def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
@@ -359,8 +365,8 @@ def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
 
 
 def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
-    """Why the discriminator in `disc` does not belong to this run (pre-trained from another student or on other
-    teachers), or None. A discriminator without a record (pre-trained elsewhere) cannot be checked: None."""
+    """Why the discriminator in `disc` does not belong to this run (pre-trained from another student or on
+    other teachers), or None. A discriminator without a record (pre-trained elsewhere) cannot be checked."""
     record = Path(disc) / ORIGIN
     if not record.exists():
         return None
@@ -373,9 +379,9 @@ def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
 
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
-    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or take its
-    cached samples, the `students` field, when every row has them), take every cached response of the chosen
-    teachers on them (all labelled teacher), train D, save it to `out` with a record of what it saw."""
+    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or
+    take its cached samples, the `students` field, when every row has them), take every cached response of
+    the chosen teachers on them (all labelled teacher), train D, save it to `out` with what it saw."""
     world = distributed.world_size()
     rows = load_jsonl(cfg.data)
     names = imitated_teachers(cfg, rows)
@@ -403,9 +409,10 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
                                    max_len=cfg.max_disc_len, seed=cfg.seed * 1000 + rank,
                                    log_every=max(1, cfg.disc_steps // 5))
     if rank == 0:
-        print(f"discriminator pre-trained on {len(student_texts)} {'cached' if cached else 'sampled'} student "
-              f"responses per rank: {stats['steps']} steps, {stats['seconds']:.0f}s, "
-              f"last-batch accuracy {stats['accuracy']:.3f}", flush=True)
+        source = "cached" if cached else "sampled"
+        print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank: "
+              f"{stats['steps']} steps, {stats['seconds']:.0f}s, last-batch accuracy {stats['accuracy']:.3f}",
+              flush=True)
     distributed.save_pretrained(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (disc_mismatch reads it)
         origin = {"student": distributed.fingerprint(student), "teachers": sorted(names)}
@@ -433,7 +440,7 @@ class Models:
     judge_tok: object = None
 
     def trained(self) -> dict:
-        """{checkpoint folder: (model, optimizer, extras saved beside it)}, for distributed.save_checkpoint."""
+        """{checkpoint folder: (model, optimizer, extras saved beside it)}: distributed.save_checkpoint's."""
         out = {"student": (self.policy, self.popt, (self.tok, self.proc))}
         if self.disc is not None:
             out["discriminator"] = (self.disc, self.dopt, ())
@@ -445,7 +452,8 @@ def by_question(x: torch.Tensor, questions: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1])).view(questions, -1, width)
 
 
-def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str], gen: torch.Generator):
+def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
+                 gen: torch.Generator):
     """Algorithm 2, steps 1-2: G student samples per question (pi_old = pi_theta now) and, for RIL, G cached
     teacher responses, laid out group-major. Returns (prompts, ids [N, T], mask [N, T], k = responses per
     question, n teacher responses truncated). With G = 2, two questions:
@@ -469,28 +477,31 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: li
     t_ids, t_mask = t_ids.to(ids.device), t_mask.to(ids.device)              # [b*G, T']
     width = max(ids.shape[1], t_ids.shape[1])
     b = len(batch)
-    ids = torch.cat([by_question(ids, b, width), by_question(t_ids, b, width)], 1).view(-1, width)  # [b*2G, T]
+    ids = torch.cat([by_question(ids, b, width), by_question(t_ids, b, width)], 1).view(-1, width)  # [b*2G,T]
     mask = torch.cat([by_question(mask, b, width), by_question(t_mask, b, width)], 1).view(-1, width)
     return prompts, ids, mask, 2 * G, n_trunc
 
 
-def rewards(cfg: Config, batch: list[dict], texts: list[str], k: int, m: Models, out: dict):
-    """Algorithm 2, step 4: R = r_sim + r_ans for every response (Algorithm 1: r_ans only). Returns (R [N], parts)."""
+def score_group(cfg: Config, batch: list[dict], texts: list[str], k: int, m: Models, out: dict):
+    """Algorithm 2, step 4: R = r_sim + r_ans for every response (Algorithm 1: r_ans only).
+    Returns (R [N], {"r_sim", "r_ans", "p_student": D(o)}), a part None when it is off."""
     answers = [r["answer"] for r in batch for _ in range(k)]
     r_ans = r_sim = None
     if cfg.answer_reward == "rule":
-        r_ans = R.rule_rewards(texts, answers)[0]                           # [N]
+        r_ans = rewards.rule_rewards(texts, answers)[0]                           # [N]
     elif cfg.answer_reward == "judge":
         questions = [r["question"] for r in batch for _ in range(k)]
-        r_ans, jstats = R.judge_rewards(m.judge, m.judge_tok, questions, answers, texts)
+        r_ans, jstats = rewards.judge_rewards(m.judge, m.judge_tok, questions, answers, texts)
         out.update({f"judge/{a}": b for a, b in jstats.items()})
+    p = None
     if m.disc is not None:
         p = discriminator.p_student(m.disc, m.tok, texts, cfg.max_disc_len, batch_size=cfg.micro_batch)  # [N]
-        r_sim = R.similarity_reward(p, mode=cfg.similarity)
+        r_sim = rewards.similarity_reward(p, mode=cfg.similarity)
         is_student = student_rows(len(texts), k, cfg.group_size)
         out["disc/p_student_on_student"] = p[is_student].mean().item()
         out["disc/p_student_on_teacher"] = p[~is_student].mean().item()
-    return R.combine_rewards(r_sim, r_ans)
+    total, parts = rewards.combine_rewards(r_sim, r_ans)
+    return total, parts | {"p_student": p}
 
 
 def loss_weight(cfg: Config, mask: torch.Tensor) -> float:
@@ -500,16 +511,19 @@ def loss_weight(cfg: Config, mask: torch.Tensor) -> float:
 
 def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int) -> dict:
     """Algorithm 2, step 5: mu steps of Eq. 2 over all responses (teacher ones included), in micro-batches of
-    whole questions (a prompt runs once for its k responses) of similar lengths. Token means divide by the global
-    token count, so the update does not depend on the split."""
-    temp = cfg.temperature or 1.0                                        # greedy runs score log-probs at T = 1
+    whole questions (a prompt runs once for its k responses) of similar lengths. Token means divide by the
+    global token count, so the update does not depend on the split."""
+    temp = cfg.temperature or 1.0                                    # greedy runs score log-probs at T = 1
     total = distributed.all_sum(loss_weight(cfg, mask))
-    micro = distributed.length_batches(mask, cfg.micro_batch, group=k)                               # (rows, columns)
-    micro_prompts = [rollout.select_prompts(prompts, s[::k] // k) for s, _ in micro]     # one row per question
+    micro = distributed.length_batches(mask, cfg.micro_batch, group=k)               # (rows, columns)
+    micro_prompts = [rollout.select_prompts(prompts, s[::k] // k) for s, _ in micro]  # a row per question
     old, ref = [], []
     with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: the live log-probs, detached) and pi_ref
         for (s, w), p in zip(micro, micro_prompts):
-            old.append(rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1 else None)
+            if cfg.mu > 1:
+                old.append(rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp))
+            else:
+                old.append(None)
             ref.append(rollout.response_logprobs(m.ref, p, ids[s, w], mask[s, w], temp) if cfg.beta else None)
     is_student = student_rows(ids.shape[0], k, cfg.group_size).to(mask.device)[:, None] & mask   # [N, T]
     stats, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
@@ -540,7 +554,8 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
             "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": gnorm, "policy/skipped": skipped}
 
 
-def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str], gen: torch.Generator) -> dict:
+def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
+            gen: torch.Generator) -> dict:
     """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics."""
     t0 = time.time()
     prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
@@ -556,7 +571,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
                                          micro_batch_size=cfg.micro_batch)
             out.update({f"disc/{a}": b for a, b in stats.items()})
     t2 = time.time()
-    reward, parts = rewards(cfg, batch, texts, k, m, out)                                  # step 4
+    reward, parts = score_group(cfg, batch, texts, k, m, out)                                  # step 4
     adv = group_advantages(reward.float(), k, scale_by_std=cfg.algo == "grpo").to(mask.device)  # [N]
     t3 = time.time()
     out.update(policy_update(cfg, m, prompts, ids, mask, adv, k))                          # step 5
@@ -673,7 +688,8 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         state.step = step + 1
         state.skipped += out["policy/skipped"]
         sample = out.pop("_sample")
-        out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None}, "time/step": time.time() - t0}
+        out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None},
+               "time/step": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows:
             report = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
             out["eval/accuracy"] = report["accuracy"]
@@ -736,11 +752,13 @@ def main(argv=None) -> None:
     have_disc = bool(disc) and (Path(disc) / "config.json").exists()
     rebuild = False
     if needs_disc and have_disc and cfg.stage != "disc":
-        why = disc_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data))) if rank == 0 else None
-        rebuild = distributed.all_sum(float(why is not None)) > 0          # rank 0 hashes, every rank decides
+        why = None
+        if rank == 0:  # rank 0 hashes the student's weights, every rank decides
+            why = disc_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+        rebuild = distributed.all_sum(float(why is not None)) > 0
         if rebuild and cfg.discriminator:
-            raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run with "
-                             "--stage disc")
+            raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run "
+                             "with --stage disc")
         if why:
             print(f"{disc}: {why}: pre-training it again", flush=True)
     if needs_disc and (rebuild or cfg.stage == "disc" or not have_disc):
