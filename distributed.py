@@ -94,12 +94,11 @@ def token_mean_scale(local_count: float, global_count: float) -> float:
 
 
 def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = False) -> torch.nn.Module:
-    """FSDP2: fully_shard every decoder layer and vision block (the model's `_no_split_modules`), then the root.
+    """FSDP2: fully_shard every decoder layer and vision block (`_no_split_modules`), then the root.
 
     GPU: bf16 parameters in compute, fp32 gradient reductions (fp32 master weights stay sharded).
-    keep_gathered: a layer keeps its gathered weights from forward to backward instead of gathering them again.
-    One process: no sharding.
-    """
+    keep_gathered: a layer keeps its gathered weights from forward to backward instead of gathering them
+    again. One process: no sharding."""
     if world_size() == 1:
         return model
     mesh = init_device_mesh(device.type, (world_size(),))
@@ -117,8 +116,9 @@ def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = Fa
 
 def load_pretrained(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False,
                     keep_gathered: bool = False):
-    """(model, tokenizer, image processor) of a VLM checkpoint folder, through the Auto classes, in fp32, sharded
-    with `shard`. With `checkpointing`, each layer's activations are recomputed in backward instead of stored."""
+    """(model, tokenizer, image processor) of a VLM checkpoint folder, through the Auto classes, in fp32,
+    sharded with `shard`. With `checkpointing`, each layer's activations are recomputed in backward instead
+    of stored."""
     tok = AutoTokenizer.from_pretrained(path)
     proc = AutoImageProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
@@ -130,13 +130,12 @@ def load_pretrained(path: str, device: torch.device, trainable: bool = True, che
 
 def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[torch.Tensor, slice]]:
     """Micro-batches (gradient accumulation) of about `size` sequences, each cut to its longest response: less
-    padding, the same sums. (row indices, column slice) pairs over the response mask [N, T]. Rows come in whole
-    groups of `group` consecutive rows (one prompt's responses, whose prompt then runs once), groups of similar
-    lengths together.
+    padding, the same sums. (row indices, column slice) pairs over the response mask [N, T]. Rows come in
+    whole groups of `group` consecutive rows (one prompt's responses, whose prompt then runs once), groups of
+    similar lengths together.
 
         lengths [3, 1, 9, 8 | 2, 2, 1, 1], group=4, size=4  ->  (rows [4, 5, 6, 7], cols :2),
-                                                                (rows [0, 1, 2, 3], cols :9)
-    """
+                                                                (rows [0, 1, 2, 3], cols :9)"""
     longest = mask.sum(1).view(-1, group).amax(1)                            # [N / group]
     out = []
     for g in longest.argsort(stable=True).split(max(1, size // group)):    # groups, shortest first
@@ -146,8 +145,8 @@ def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[
 
 
 def sync_gradients(model: torch.nn.Module, last: bool) -> None:
-    """FSDP2 gradient accumulation: keep a step's micro-batch gradients local and reduce-scatter once, with the
-    last one (the same sum, one collective per layer instead of one per micro-batch)."""
+    """FSDP2 gradient accumulation: keep a step's micro-batch gradients local and reduce-scatter once, with
+    the last one (the same sum, one collective per layer instead of one per micro-batch)."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(last)
 
@@ -199,9 +198,9 @@ def fingerprint(checkpoint: str | Path) -> str:
 
 
 def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator) -> None:
-    """runs/<name>/checkpoints/step-N: each trained model (save_pretrained into its own folder), the optimizers,
-    every rank's RNG, and `state` (JSON) with the step. trained: {folder name: (model, optimizer, extras)}.
-    Written to a temporary folder and renamed, then `latest` is replaced atomically."""
+    """runs/<name>/checkpoints/step-N: each trained model (save_pretrained into its own folder), the
+    optimizers, every rank's RNG, and `state` (JSON) with the step. trained: {folder name: (model,
+    optimizer, extras)}. Written to a temporary folder and renamed, then `latest` is replaced atomically."""
     me = rank()
     tmp = run / "checkpoints" / f"step-{step}.tmp"
     final = run / "checkpoints" / f"step-{step}"
@@ -228,8 +227,8 @@ def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch
 
 
 def load_checkpoint(ckpt: Path, trained: dict, gen: torch.Generator) -> dict:
-    """The optimizer and RNG states of a checkpoint into the optimizers of `trained` and into `gen` (the weights
-    are loaded with the models); returns the saved state (step, counters)."""
+    """The optimizer and RNG states of a checkpoint into the optimizers of `trained` and into `gen` (the
+    weights are loaded with the models); returns the saved state (step, counters)."""
     optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
     for name, (model, optimizer, _) in trained.items():
         optim_state(model, optimizer, optim[name])

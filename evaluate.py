@@ -38,9 +38,9 @@ from data.dataset import blind_guesses, chance_levels, load_images, load_jsonl
 REFLECTION_WORDS = ["re-check", "recheck", "re-evaluate", "reevaluate", "re-examine", "reexamine",
                     "re-think", "rethink", "check again", "think again", "try again", "double-check",
                     "double check", "verify", "wait", "yet"]
-REFLECTION_RE = re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in REFLECTION_WORDS)
-                           + r")(?![\w-])", re.IGNORECASE)
-CURVES = ["reward/answer", "reward/similarity", "eval/accuracy", "response/length", "policy/kl"]  # --plot panels
+REFLECTION_ALTERNATIVES = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in REFLECTION_WORDS)
+REFLECTION_RE = re.compile(r"(?<![\w-])(?:" + REFLECTION_ALTERNATIVES + r")(?![\w-])", re.IGNORECASE)
+CURVES = ["reward/answer", "reward/similarity", "eval/accuracy", "response/length", "policy/kl"]  # --plot
 
 
 # -----------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k / n (good near 0 and 1, unlike the normal approximation)."""
+    """95% Wilson score interval of a proportion k / n (good near 0 and 1, unlike the normal one)."""
     if n == 0:
         return (0.0, 1.0)
     p = k / n
@@ -90,14 +90,16 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def accuracy_report(correct: list[float], rows: list[dict], train_rows: list[dict] | None = None) -> dict:
-    """Accuracy of per-row correctness `correct` (0/1, one per row) with what it must be read against: n, the 95%
-    Wilson interval, and, given the training split's rows, chance (one over the kind's answer count) and the
-    blind baseline (its most common answer for the question's text) with their intervals; the same per `kind`.
-    `correct` is kept, so two runs on the same rows can be compared question by question (paired_bootstrap)."""
+    """Accuracy of per-row correctness `correct` (0/1, one per row) with what it must be read against: n, the
+    95% Wilson interval, and, given the training split's rows, chance (one over the kind's answer count)
+    and the blind baseline (its most common answer for the question's text) with their intervals; the same
+    per `kind`. `correct` is kept, so two runs on the same rows can be compared question by question
+    (paired_bootstrap)."""
     assert len(correct) == len(rows), (len(correct), len(rows))
     blind = chance = None
     if train_rows:
-        blind = [float(rewards.answers_match(g, r["answer"])) for g, r in zip(blind_guesses(train_rows, rows), rows)]
+        guesses = blind_guesses(train_rows, rows)
+        blind = [float(rewards.answers_match(g, r["answer"])) for g, r in zip(guesses, rows)]
         chance = chance_levels(train_rows, rows)
 
     def summary(idx: list[int]) -> dict:
@@ -112,12 +114,14 @@ def accuracy_report(correct: list[float], rows: list[dict], train_rows: list[dic
     kinds = sorted({r.get("kind", "") for r in rows})
     report = summary(list(range(len(rows))))
     if kinds != [""]:
-        report["per_kind"] = {kd: summary([i for i, r in enumerate(rows) if r.get("kind", "") == kd]) for kd in kinds}
+        report["per_kind"] = {}
+        for kd in kinds:
+            report["per_kind"][kd] = summary([i for i, r in enumerate(rows) if r.get("kind", "") == kd])
     return report | {"correct": [float(c) for c in correct]}
 
 
 def format_report(report: dict) -> str:
-    """'0.412 [0.382, 0.443], n=1000; chance 0.351, blind 0.340 [0.311, 0.370]' (blind parts only if known)."""
+    """'0.412 [0.382, 0.443], n=1000; chance 0.351, blind 0.340 [0.311, 0.370]' (blind parts if known)."""
     lo, hi = report["ci95"]
     text = f"{report['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], n={report['n']}"
     if "blind" in report:
@@ -129,14 +133,15 @@ def format_report(report: dict) -> str:
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], n_boot: int = 10_000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Difference in mean accuracy a - b and its 95% paired bootstrap interval. a, b: per-question correctness
-    [seeds][questions] of two configurations on the same questions (seed counts may differ). Each resample draws
-    the questions (the same ones for both: paired) and, for each configuration, its seeds, with replacement.
+    [seeds][questions] of two configurations on the same questions (seed counts may differ). Each resample
+    draws the questions (the same ones for both: paired) and, for each configuration, its seeds, with
+    replacement.
 
-        paired_bootstrap([[1, 1, 0, 1]], [[1, 0, 0, 1]])  ->  (0.25, 0.0, 0.75)
-    """
+        paired_bootstrap([[1, 1, 0, 1]], [[1, 0, 0, 1]])  ->  (0.25, 0.0, 0.75)"""
     A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)           # [Sa, Q], [Sb, Q]
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
-        raise ValueError(f"paired_bootstrap needs [seeds, questions] on the same questions, got {A.shape}, {B.shape}")
+        raise ValueError(f"paired_bootstrap needs [seeds, questions] on the same questions, got {A.shape}, "
+                         f"{B.shape}")
     rng = np.random.default_rng(seed)
     Q = A.shape[1]
     diffs = np.empty(n_boot)
@@ -161,17 +166,19 @@ def format_difference(diff: float, lo: float, hi: float) -> str:
 def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, temperature: float = 0.0,
                    num_samples: int = 1, max_new_tokens: int = 256, batch_size: int = 16, top_p: float = 1.0,
                    top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> dict:
-    """Generate num_samples responses per row and score them. temperature=0 is greedy (then use num_samples=1).
-    Returns accuracy (mean correctness over all responses = pass@1), pass@{num_samples} if num_samples > 1,
-    answer_rate, length_mean / length_std / length_max (tokens), the reflection metrics, and the raw
-    prompt-major `responses`, `correct` and `lengths` lists (row b*num_samples + j is sample j of row b)."""
+    """Generate num_samples responses per row and score them. temperature=0 is greedy (then use
+    num_samples=1). Returns accuracy (mean correctness over all responses = pass@1), pass@{num_samples} if
+    num_samples > 1, answer_rate, length_mean / length_std / length_max (tokens), the reflection metrics,
+    and the raw prompt-major `responses`, `correct` and `lengths` lists (row b*num_samples + j is sample j
+    of row b)."""
     if not rows:
         raise ValueError("evaluate_model: no rows to evaluate")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     responses, lengths = [], []
-    for i in tqdm(range(0, len(rows), batch_size), desc=f"eval T={temperature} x{num_samples}", disable=not progress):
+    desc = f"eval T={temperature} x{num_samples}"
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[i:i + batch_size]
         prompts = rollout.encode_prompts(tokenizer, image_processor, [r["question"] for r in batch],
                                          load_images(batch), family=model.config.model_type)
@@ -206,14 +213,14 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
 def held_out(model, tokenizer, image_processor, rows: list[dict], train_rows: list[dict],
              max_new_tokens: int) -> dict:
     """Greedy pass@1 on held-out rows as accuracy_report gives it, the rows split evenly over the ranks of a
-    torchrun job (every rank calls it; FSDP needs the same calls on every rank, so the last rank pads its share
-    with rows it does not count)."""
+    torchrun job (every rank calls it; FSDP needs the same calls on every rank, so the last rank pads its
+    share with rows it does not count)."""
     rank, world = distributed.rank(), distributed.world_size()
     per = math.ceil(len(rows) / world)
     mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]
     n_real = max(0, min(per, len(rows) - rank * per))
-    res = evaluate_model(model, tokenizer, image_processor, mine, temperature=0.0, max_new_tokens=max_new_tokens,
-                         batch_size=32)
+    res = evaluate_model(model, tokenizer, image_processor, mine, temperature=0.0,
+                         max_new_tokens=max_new_tokens, batch_size=32)
     correct = distributed.all_gather_list(res["correct"][:n_real])      # in row order: rank 0's rows first
     return accuracy_report(correct, rows, train_rows)
 
@@ -235,12 +242,13 @@ def print_eval_table(results: dict):
         passk = next((f"{v:.3f}" for k, v in r.items() if k.startswith("pass@")), "–")
         cells = [f"{r['accuracy']:.3f}", passk, f"{r['answer_rate']:.3f}",
                  f"{r['length_mean']:.1f} ± {r['length_std']:.1f}"]
-        cells += [f"{r[k]:.3f}" for k in cols[4:7]] + [f"{r['teacher_like']:.3f}" if "teacher_like" in r else "–"]
+        cells += [f"{r[k]:.3f}" for k in cols[4:7]]
+        cells.append(f"{r['teacher_like']:.3f}" if "teacher_like" in r else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def default_train_data(data: str | Path) -> Path | None:
-    """The training split the blind baseline is computed from: train.jsonl beside the evaluated file, if any."""
+    """The training split the blind baseline is computed from: train.jsonl beside the evaluated file."""
     path = Path(data).parent / "train.jsonl"
     return path if path.is_file() and path.resolve() != Path(data).resolve() else None
 
@@ -321,8 +329,8 @@ def load_run(path: str | Path) -> dict:
 
 def config_key(config: dict) -> str:
     """What makes two runs the same configuration: the config minus seed, name and output paths."""
-    ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir", "checkpoint_dir",
-              "resume"}
+    ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir",
+              "checkpoint_dir", "resume"}
     return json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True, default=str)
 
 
@@ -342,7 +350,7 @@ def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one key, from the rows that log it as a finite number (None and NaN are left out)."""
+    """(step, value) pairs of one key, from the rows that log it as a finite number (None, NaN left out)."""
     return [(int(r.get("step", i)), float(r[key])) for i, r in enumerate(metrics)
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
@@ -367,7 +375,7 @@ def final_correct(run: dict, split: str = "test", which: str = "final") -> list[
 
 
 def add_gains(summary: dict) -> dict:
-    """For each split of a run summary with a start and a final report: final - start with its paired 95% interval."""
+    """For each split of a run summary with a start and a final report: final - start, paired 95% interval."""
     for split in ("val", "test"):
         part = summary.get(split) or {}
         if part.get("start") and part.get("final"):
@@ -390,11 +398,12 @@ def print_run_summary(summary: dict) -> None:
 
 
 def compare_table(groups: dict[str, list[dict]], reference: str | None = None, tail: int = 10) -> str:
-    """One markdown row per configuration, each number mean ± std over seeds: test accuracy of the start and of
-    the final student, the difference in final test accuracy against the `reference` configuration (default:
-    the first) with its 95% paired bootstrap interval (questions and seeds resampled; 'not significant' when it
-    covers 0), final val accuracy, the best val accuracy logged during training, and final training numbers
-    (mean of the last `tail` logged values of each run). Chance and the blind baseline head the table."""
+    """One markdown row per configuration, each number mean ± std over seeds: test accuracy of the start and
+    of the final student, the difference in final test accuracy against the `reference` configuration
+    (default: the first) with its 95% paired bootstrap interval (questions and seeds resampled; 'not
+    significant' when it covers 0), final val accuracy, the best val accuracy logged during training, and
+    final training numbers (mean of the last `tail` logged values of each run). Chance and the blind
+    baseline head the table."""
     reference = reference or next(iter(groups))
     if reference not in groups:
         raise SystemExit(f"--reference {reference!r}: no such configuration (have {list(groups)})")
@@ -406,15 +415,20 @@ def compare_table(groups: dict[str, list[dict]], reference: str | None = None, t
     first = next((r["summary"]["test"]["final"] for rs in groups.values() for r in rs
                   if "blind" in ((r["summary"].get("test") or {}).get("final") or {})), None)
     if first:
-        lines.append(f"Test split: n={first['n']}, chance {first['chance']:.3f}, blind baseline {first['blind']:.3f}.\n")
+        lines.append(f"Test split: n={first['n']}, chance {first['chance']:.3f}, "
+                     f"blind baseline {first['blind']:.3f}.\n")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rs in groups.items():
         acc = lambda split, which: [sum(c) / len(c) for r in rs if (c := final_correct(r, split, which))]
         cells = [label, str(len(rs)), mean_std(acc("test", "start")), mean_std(acc("test", "final"))]
         mine = [c for r in rs if (c := final_correct(r))]
-        cells.append("–" if label == reference or not mine or not ref else format_difference(*paired_bootstrap(mine, ref)))
+        if label == reference or not mine or not ref:
+            cells.append("–")
+        else:
+            cells.append(format_difference(*paired_bootstrap(mine, ref)))
         cells.append(mean_std(acc("val", "final")))
-        cells.append(mean_std([max(v for _, v in s) for r in rs if (s := series(r["metrics"], "eval/accuracy"))]))
+        curves = [s for r in rs if (s := series(r["metrics"], "eval/accuracy"))]
+        cells.append(mean_std([max(v for _, v in s) for s in curves]))
         for k in finals:
             cells.append(mean_std([statistics.fmean(v for _, v in s[-tail:]) for r in rs
                                    if (s := series(r["metrics"], k))]))
@@ -445,7 +459,8 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
                 continue
             steps = sorted(by_step)
             mean = [statistics.fmean(by_step[s]) for s in steps]
-            std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]  # as in the table
+            # the sample std over seeds, as compare_table gives it
+            std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
             ax.plot(steps, mean, color=color[label], marker="o" if len(steps) <= 30 else None, markersize=3)
             if len(rs) > 1:
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
@@ -456,8 +471,9 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     from matplotlib.lines import Line2D
-    axes.flat[0].legend(handles=[Line2D([], [], color=color[label], marker="o", markersize=3,
-                                        label=f"{label} (n={len(rs)})") for label, rs in groups.items()], fontsize=8)
+    handles = [Line2D([], [], color=color[label], marker="o", markersize=3, label=f"{label} (n={len(rs)})")
+               for label, rs in groups.items()]
+    axes.flat[0].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -470,15 +486,15 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="student checkpoint (a save_pretrained folder)")
     p.add_argument("--data", help="a JSONL dataset in the project's schema")
-    p.add_argument("--discriminator", help="discriminator checkpoint: adds teacher-likeness (p_student < 0.5)")
-    p.add_argument("--disc-max-len", type=int, default=1024, help="discriminator input tokens (prompt + response)")
+    p.add_argument("--discriminator", help="discriminator checkpoint: adds teacher-likeness (p < 0.5)")
+    p.add_argument("--disc-max-len", type=int, default=1024, help="discriminator input tokens")
     p.add_argument("--out", help="where to write the JSON report")
-    p.add_argument("--train-data", help="training split for chance and the blind baseline (default: train.jsonl "
-                   "beside --data)")
+    p.add_argument("--train-data", help="training split for chance and the blind baseline "
+                   "(default: train.jsonl beside --data)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="response cap (default: the checkpoint's generation_config.json, as ril.py trained it)")
+                   help="response cap (default: the checkpoint's generation_config.json, as trained)")
     p.add_argument("--k", type=int, default=8, help="samples per question for pass@k at T=1.0")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")

@@ -1,13 +1,13 @@
 """One RIL step, shown with real numbers (Algorithm 2 on one question).
 
-    python explain.py                          # the embedded run's SFT student and discriminator -> docs/one-step.md
+    python explain.py               # the embedded run's SFT student and discriminator -> docs/one-step.md
     python explain.py --student CKPT --data rl.jsonl --discriminator D --out one-step.md
 
-Runs ril.py's own functions, in order, on one question of the RL split, in one process: the G student samples
-and the G cached teacher responses (step 2), the discriminator's update on them (step 3, Eq. 1), D(o), r_sim,
-r_ans, R and the advantage A of every response (step 4), and the policy update (step 5, Eq. 2), with each
-response's share of the loss before the update and the ratio pi_new / pi_old it left behind. It prints the
-table and writes it as markdown. Any ril.py flag applies (`--group-size`, `--beta`, `--seed`, ...).
+Runs ril.py's own functions, in order, on one question of the RL split, in one process: the G student
+samples and the G cached teacher responses (step 2), the discriminator's update on them (step 3, Eq. 1),
+D(o), r_sim, r_ans, R and the advantage A of every response (step 4), and the policy update (step 5, Eq. 2),
+with each response's share of the loss before the update and the ratio pi_new / pi_old it left behind. It
+prints the table and writes it as markdown. Any ril.py flag applies (`--group-size`, `--beta`, `--seed`).
 """
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def response_terms(cfg, m, prompts, ids, mask, adv) -> tuple[torch.Tensor, torch
     (token-mean aggregation over the whole group: the shares add up to the loss)."""
     with torch.no_grad():
         logp = rollout.response_logprobs(m.policy, prompts, ids, mask, cfg.temperature or 1.0)   # [N, T]
-        ref = rollout.response_logprobs(m.ref, prompts, ids, mask, cfg.temperature or 1.0) if cfg.beta else logp
+        ref = logp
+        if cfg.beta:
+            ref = rollout.response_logprobs(m.ref, prompts, ids, mask, cfg.temperature or 1.0)
     log_r = torch.where(mask, ref - logp, 0.0)
     k3 = torch.exp(log_r) - log_r - 1                                                # [N, T]
-    per_token = -adv[:, None] + cfg.beta * k3                                        # ratio = 1 before the update
+    per_token = -adv[:, None] + cfg.beta * k3                                 # ratio = 1 before the update
     n = mask.sum()
     return logp, (per_token * mask).sum(1) / n, (cfg.beta * k3 * mask).sum(1) / n   # [N, T], [N], [N]
 
@@ -86,7 +88,8 @@ def markdown(q: dict, rows: list[dict], command: str) -> str:
     """The step as a markdown page: the question, a table of the 2G responses, what happened in each step."""
     lines = ["# One RIL step, with real numbers", "",
              f"Made by `{command}` (ril.py's functions, one process). Question: **{q['question']}** "
-             f"(answer: {q['answer']}). G = {q['G']} student samples and G cached teacher responses form the group.",
+             f"(answer: {q['answer']}). G = {q['G']} student samples and G cached teacher responses form "
+             "the group.",
              "", "| # | who | response (shortened) | D(o) | r_sim | r_ans | R | A | loss share | KL share | "
              "ratio after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
@@ -96,18 +99,19 @@ def markdown(q: dict, rows: list[dict], command: str) -> str:
                      f"{r['loss_share']:+.4f} | {r['kl_share']:.5f} | {r['ratio']:.3f}{clip} |")
     d, p = q["disc"], q["policy"]
     lines += ["", "How to read it:",
-              f"- **Step 3 (Eq. 1).** Before its update on this group, D gave the student's responses a mean "
-              f"p(student) of {d['p_student']:.3f} and the teachers' {d['p_teacher']:.3f} (loss {d['loss']:.3f}, "
-              f"accuracy {d['accuracy']:.3f}); the column D(o) is after the update.",
+              f"- **Step 3 (Eq. 1).** Before its update on this group, D gave the student's responses a "
+              f"mean p(student) of {d['p_student']:.3f} and the teachers' {d['p_teacher']:.3f} "
+              f"(loss {d['loss']:.3f}, accuracy {d['accuracy']:.3f}); the column D(o) is after the update.",
               "- **Step 4.** r_sim = 1[D(o) < 0.5], r_ans = the rule-based answer check, R = r_sim + r_ans, "
-              "A = R - mean(R) over the 2G responses (Dr.GRPO: no division by the std). The A column sums to 0.",
-              f"- **Step 5 (Eq. 2).** With mu = 1 the ratio pi_theta / pi_old is exactly 1 when the loss is taken, so "
-              f"a response's share of the loss is -A times its share of the group's tokens plus beta = "
-              f"{q['beta']} times its KL term (k3 against pi_ref); the shares add up to the loss "
-              f"({p['policy/loss']:+.4f}). Responses with A > 0 are pushed up, those with A < 0 down, teacher "
-              f"responses included. 'ratio after' is the mean of pi_new / pi_old over the response's tokens after "
-              f"the update; with mu > 1 a ratio outside 1 ± eps (eps = {q['eps']}) would be clipped at the next "
-              f"step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of the student's tokens "
+              "A = R - mean(R) over the 2G responses (Dr.GRPO: no division by the std). The A column sums "
+              "to 0.",
+              f"- **Step 5 (Eq. 2).** With mu = 1 the ratio pi_theta / pi_old is exactly 1 when the loss is "
+              f"taken, so a response's share of the loss is -A times its share of the group's tokens plus "
+              f"beta = {q['beta']} times its KL term (k3 against pi_ref); the shares add up to the loss "
+              f"({p['policy/loss']:+.4f}). Responses with A > 0 are pushed up, those with A < 0 down, "
+              f"teacher responses included. 'ratio after' is the mean of pi_new / pi_old over the "
+              f"response's tokens after the update; with mu > 1 a ratio outside 1 ± eps (eps = {q['eps']}) would be clipped at "
+              f"the next step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of the student's tokens "
               f"{p['policy/entropy']:.3f}.", ""]
     return "\n".join(lines)
 
@@ -117,9 +121,10 @@ def main(argv=None) -> list[dict]:
     out = Path(argv.pop(argv.index("--out") + 1)) if "--out" in argv else OUT
     argv = [a for a in argv if a != "--out"]
     cfg = ril.parse_config(argv)
-    if cfg.algo != "ril" or cfg.similarity != "binary" or cfg.answer_reward != "rule" or cfg.loss_agg != "token-mean":
-        raise SystemExit("explain.py shows RIL as the paper runs it: --algo ril, binary similarity, rule answers, "
-                         "token-mean aggregation")
+    settings = (cfg.algo, cfg.similarity, cfg.answer_reward, cfg.loss_agg)
+    if settings != ("ril", "binary", "rule", "token-mean"):
+        raise SystemExit("explain.py shows RIL as the paper runs it: --algo ril, binary similarity, rule "
+                         "answers, token-mean aggregation")
     _, world, device = distributed.setup()
     if world > 1:
         raise SystemExit("explain.py runs one process: python explain.py")
@@ -128,7 +133,8 @@ def main(argv=None) -> list[dict]:
     disc = cfg.discriminator or str(ril.TINY_DIR / "tiny-disc")
     for path, stage in ((student, "sft"), (disc, "disc")):
         if not (Path(path) / "config.json").exists():
-            raise SystemExit(f"{path} is missing: run `torchrun --nproc_per_node=2 ril.py --stage {stage}` first")
+            raise SystemExit(f"{path} is missing: run `torchrun --nproc_per_node=2 ril.py --stage {stage}` "
+                             "first")
     torch.manual_seed(cfg.seed)
     q, rows = explain(cfg, student, disc, device)
     command = " ".join(["python explain.py", *(argv or [])])
