@@ -110,8 +110,8 @@ def markdown(q: dict, rows: list[dict], command: str) -> str:
               f"beta = {q['beta']} times its KL term (k3 against pi_ref); the shares add up to the loss "
               f"({p['policy/loss']:+.4f}). Responses with A > 0 are pushed up, those with A < 0 down, "
               f"teacher responses included. 'ratio after' is the mean of pi_new / pi_old over the "
-              f"response's tokens after the update; with mu > 1 a ratio outside 1 ± eps (eps = {q['eps']}) would be clipped at "
-              f"the next step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of the student's tokens "
+              f"response's tokens after the update; with mu > 1 a ratio outside 1 ± eps (eps = {q['eps']}) "
+              f"would be clipped at the next step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of the student's tokens "
               f"{p['policy/entropy']:.3f}.", ""]
     return "\n".join(lines)
 
