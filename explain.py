@@ -111,8 +111,8 @@ def markdown(q: dict, rows: list[dict], command: str) -> str:
               f"({p['policy/loss']:+.4f}). Responses with A > 0 are pushed up, those with A < 0 down, "
               f"teacher responses included. 'ratio after' is the mean of pi_new / pi_old over the "
               f"response's tokens after the update; with mu > 1 a ratio outside 1 ± eps (eps = {q['eps']}) "
-              f"would be clipped at the next step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of the student's tokens "
-              f"{p['policy/entropy']:.3f}.", ""]
+              f"would be clipped at the next step. Gradient norm {p['policy/grad_norm']:.3f}, entropy of "
+              f"the student's tokens {p['policy/entropy']:.3f}.", ""]
     return "\n".join(lines)
 
 
