@@ -30,14 +30,18 @@ from data.teachers import TEACHERS, plain_response, styled_response, teacher_res
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}  # questions per split (one scene each); a test
 # accuracy of 1,000 questions has a 95% interval of about +-0.03
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
+SFT_TASK_SHARE = 0.0     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
 
 
-def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set) -> list[dict]:
+def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set,
+                sft_task_share: float = SFT_TASK_SHARE) -> list[dict]:
     """n rows of one split; scenes whose signature is in `exclude` are redrawn; adds new signatures to it."""
     rng = random.Random(f"{seed}-{split}")
     rows = []
     while len(rows) < n:
-        if split == "sft":
+        if split == "sft" and sft_task_share and rng.random() < sft_task_share:
+            scene, q = balanced_task(rng, grid, exclude)                  # answered plainly below
+        elif split == "sft":
             scene = random_scene(rng, grid)
             if scene.signature() in exclude:
                 continue
@@ -51,14 +55,15 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
         if split == "train":
             row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
         if split == "sft":
-            styled = q.kind != "describe" and rng.random() < SFT_TEACHER_STYLE
+            styled = q.kind in GENERAL_TYPES[1:] and rng.random() < SFT_TEACHER_STYLE
             teacher = rng.choice(list(TEACHERS)) if styled else None
             row["response"] = styled_response(teacher, scene, q, rng) if styled else plain_response(q)
         rows.append(row)
     return rows
 
 
-def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4) -> Path:
+def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4,
+          sft_task_share: float = SFT_TASK_SHARE) -> Path:
     """Write `<out>/{split}.jsonl` and `<out>/images/`; returns `out`. Replaces an existing folder."""
     out, sizes = Path(out), sizes or SPLITS
     tmp = out.with_name(out.name + ".tmp")
@@ -67,10 +72,12 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
     seen: set = set()
     order = [s for s in sizes if s != "test"] + (["test"] if "test" in sizes else [])  # test last: disjoint scenes
     for split in order:
-        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, seen if split != "test" else set(seen))
+        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, seen if split != "test" else set(seen),
+                           sft_task_share)
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     meta = {"seed": seed, "sizes": sizes, "grid": grid, "per_teacher": per_teacher, "teachers": TEACHERS,
+            "sft_task_share": sft_task_share,
             "baselines": baselines(tmp, [s for s in order if s != "sft"])}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
@@ -112,7 +119,9 @@ if __name__ == "__main__":
     p.add_argument("--out", default="data/embedded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-teacher", type=int, default=4, help="cached responses per teacher per question")
+    p.add_argument("--sft-task-share", type=float, default=SFT_TASK_SHARE,
+                   help="share of SFT rows asking a TASK question, answered plainly")
     a = p.parse_args()
     t0 = time.time()
-    build(a.out, a.seed, per_teacher=a.per_teacher)
+    build(a.out, a.seed, per_teacher=a.per_teacher, sft_task_share=a.sft_task_share)
     print(f"wrote {a.out} ({sum(SPLITS.values())} questions) in {time.time() - t0:.1f}s")

@@ -241,3 +241,15 @@ def test_blind_baseline_is_near_chance_in_every_split(embedded):
         assert kinds["all"]["n"] == SMALL[split] and set(kinds) == {"all", *TASK_TYPES}
         assert abs(kinds["all"]["blind"] - kinds["all"]["chance"]) < 0.2, (split, kinds["all"])
     assert SPLITS["test"] >= 1000 and SPLITS["val"] >= 500  # the default run's: a 95% interval of about +-0.03
+
+
+def test_sft_task_share_adds_plain_task_answers(tmp_path):
+    """--sft-task-share: that share of the SFT rows asks a TASK question (balanced answers, disjoint scenes),
+    answered plainly, never in a teacher's step-by-step form; 0 leaves the SFT split GENERAL only."""
+    sizes = {"sft": 400, "train": 10, "test": 10}
+    rows = load_jsonl(build(tmp_path / "share", seed=1, sizes=sizes, sft_task_share=0.25) / "sft.jsonl")
+    task = [r for r in rows if r["kind"] in TASK_TYPES]
+    assert abs(len(task) / len(rows) - 0.25) < 4 * (0.25 * 0.75 / len(rows)) ** 0.5
+    assert all(r["response"] == f"The answer is \\boxed{{{r['answer']}}}." for r in task)
+    plain = load_jsonl(build(tmp_path / "none", seed=1, sizes=sizes) / "sft.jsonl")
+    assert all(r["kind"] in GENERAL_TYPES for r in plain)
