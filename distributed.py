@@ -197,10 +197,12 @@ def fingerprint(checkpoint: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator) -> None:
+def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator,
+                    keep: int = 0) -> None:
     """runs/<name>/checkpoints/step-N: each trained model (save_pretrained into its own folder), the
     optimizers, every rank's RNG, and `state` (JSON) with the step. trained: {folder name: (model,
-    optimizer, extras)}. Written to a temporary folder and renamed, then `latest` is replaced atomically."""
+    optimizer, extras)}. Written to a temporary folder and renamed, then `latest` is replaced atomically;
+    then all but the `keep` newest checkpoints are deleted (0: keep every one)."""
     me = rank()
     tmp = run / "checkpoints" / f"step-{step}.tmp"
     final = run / "checkpoints" / f"step-{step}"
@@ -223,6 +225,9 @@ def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch
         tmp.rename(final)
         (run / "checkpoints" / "latest.tmp").write_text(final.name)
         os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
+        steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+        for old in steps[:-keep] if keep else []:
+            shutil.rmtree(run / "checkpoints" / f"step-{old}", ignore_errors=True)
     barrier()
 
 
@@ -232,6 +237,10 @@ def load_checkpoint(ckpt: Path, trained: dict, gen: torch.Generator) -> dict:
     optim = torch.load(ckpt / "optimizers.pt", weights_only=False)
     for name, (model, optimizer, _) in trained.items():
         optim_state(model, optimizer, optim[name])
+    saved_by = len(list(ckpt.glob("rng-rank*.pt")))
+    if saved_by != world_size():
+        raise SystemExit(f"{ckpt} was saved by {saved_by} processes: resume it with --nproc_per_node="
+                         f"{saved_by} (each process's sampling RNG is part of the checkpoint)")
     rng = torch.load(ckpt / f"rng-rank{rank()}.pt", weights_only=False)
     gen.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ class Config:
     save_every: int = 100          # checkpoint every N RL steps
     sample_every: int = 50         # print a response every N RL steps
     resume: bool = False           # continue runs/<name> from its latest checkpoint
+    overwrite: bool = False        # start again in a run folder that already holds a run
+    keep_checkpoints: int = 3      # RL checkpoints kept in runs/<name>/checkpoints (0 = all)
 
 
 # The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
@@ -156,7 +159,7 @@ def check_config(cfg: Config) -> None:
         if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
             fail(key, "must be finite and > 0")
     for key in ("beta", "temperature", "vision_lr_scale", "top_k", "eval_limit", "eval_every", "save_every",
-                "sample_every"):
+                "sample_every", "keep_checkpoints"):
         if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
             fail(key, "must be finite and >= 0")
     if not 0 < cfg.top_p <= 1:
@@ -641,6 +644,14 @@ def final_reports(cfg: Config, m: Models, student: str, state: RunState, rows, e
     return evaluate.add_gains(summary)
 
 
+def metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is not kept)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def log_step(cfg: Config, out: dict, sample: tuple, bar, metrics_path: Path) -> None:
     """Rank 0: a row of metrics.jsonl, the progress bar, and every --sample-every steps one response."""
     with open(metrics_path, "a") as f:
@@ -676,7 +687,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     metrics_path = run / "metrics.jsonl"
     if rank == 0:  # a resumed run keeps only the rows up to its checkpoint
         old = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
-        kept = [line for line in old if json.loads(line)["step"] <= state.step]
+        kept = [line for line in old if metrics_step(line) <= state.step]  # a torn last line: dropped
         metrics_path.write_text("".join(line + "\n" for line in kept))
     distributed.catch_sigterm()
     bar = tqdm(range(state.step, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=state.step,
@@ -697,7 +708,8 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
             log_step(cfg, out, sample, bar, metrics_path)
         stopping = distributed.stop_requested()
         if step + 1 == cfg.steps or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            distributed.save_checkpoint(run, step + 1, m.trained(), dataclasses.asdict(state), gen)
+            distributed.save_checkpoint(run, step + 1, m.trained(), dataclasses.asdict(state), gen,
+                                        keep=cfg.keep_checkpoints)
         if stopping:
             if rank == 0:
                 print(f"SIGTERM: saved step {step + 1} and stopped", flush=True)
@@ -731,9 +743,18 @@ def main(argv=None) -> None:
     t0 = time.time()
     cfg = ensure_embedded(cfg, rank)
     run = Path(cfg.out_dir) / cfg.name
+    used = any((run / f).exists() for f in ("metrics.jsonl", "summary.json", "checkpoints"))
+    if used and cfg.stage in ("all", "rl") and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"{run} already holds a run: --resume continues it, --overwrite starts it again, "
+                         "--name NAME starts another")
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        try:  # before any work: a folder that cannot be written fails now, not after training
+            run.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite and not cfg.resume:
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        except OSError as e:
+            raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write the run folder {run}: {e}") from None
     student, disc = cfg.student, cfg.discriminator
     if not cfg.student:  # the embedded pipeline: reuse each stage's output when it exists
         student = str(TINY_DIR / "tiny-sft")

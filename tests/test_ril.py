@@ -262,3 +262,33 @@ def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embed
     assert len(seen["teacher"]) == 6 * 4 and all(t.startswith(("Let me look", "First I list", "Step 1"))
                                                  for t in seen["teacher"])  # the methodical teacher's openers
     assert json.loads((tmp_path / "disc" / ril.ORIGIN).read_text())["teachers"] == ["methodical"]
+
+
+def test_a_used_run_folder_is_not_overwritten(tiny_student, embedded, tmp_path):
+    """A fresh run in a folder that holds a run refuses (metrics.jsonl would be truncated); an unwritable
+    --out-dir fails before any work."""
+    (tmp_path / "ril").mkdir()
+    (tmp_path / "ril" / "metrics.jsonl").write_text('{"step": 1}\n')
+    args = ["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"), "--out-dir", str(tmp_path),
+            "--algo", "drgrpo", "--stage", "rl"]
+    with pytest.raises(SystemExit, match="already holds a run: --resume continues it, --overwrite"):
+        ril.main(args)
+    assert (tmp_path / "ril" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write the run folder"):
+        ril.main(args[:-4] + ["--out-dir", str(tmp_path / "file"), "--algo", "drgrpo", "--stage", "rl"])
+
+
+def test_checkpoints_are_pruned_and_resume_checks_the_process_count(tmp_path):
+    """--keep-checkpoints N keeps the N newest; a checkpoint saved by another number of processes is refused
+    with the count to use; a torn last metrics line is dropped on resume."""
+    gen = torch.Generator()
+    for step in range(1, 5):
+        distributed.save_checkpoint(tmp_path, step, {}, {"skipped": 0}, gen, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-3", "step-4"]
+    latest = distributed.latest_checkpoint(tmp_path)
+    assert latest.name == "step-4" and distributed.load_checkpoint(latest, {}, gen)["step"] == 4
+    (latest / "rng-rank1.pt").write_bytes((latest / "rng-rank0.pt").read_bytes())
+    with pytest.raises(SystemExit, match="saved by 2 processes: resume it with --nproc_per_node=2"):
+        distributed.load_checkpoint(latest, {}, gen)
+    assert ril.metrics_step('{"step": 3, "x": 1}') == 3 and ril.metrics_step('{"step": 4, "rew') == float("inf")
