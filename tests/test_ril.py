@@ -201,7 +201,8 @@ def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, 
     move those rows: the test can tell the two apart."""
     import rollout
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ip = AutoImageProcessor.from_pretrained(tiny_student)
     banned = None
 
     def steps():
