@@ -10,9 +10,9 @@ penalty 1.05, up to 128 new tokens; once with EOS (rows end at varied lengths) a
 (every row runs the full 128 tokens). Prints generated tokens per second for both, the ratio, and where
 rollout.generate spends its time (model forward incl. prefill and vision, sampling, cache handling).
 
-Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached teacher
-responses, teacher-forced; the prompts (images included) once, packed with each question's
-responses (rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
+Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached
+teacher responses, teacher-forced; the prompts (images included) once, packed with each question's responses
+(rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
 Discriminator (`--what disc`): D's forward and forward + backward over the same questions' 2G responses (the
 cached teacher responses and as many plain ones), its fixed prompt start run once per batch with its KV cache
 shared against written into every row (discriminator.encode_for_discriminator's shared_prefix).
@@ -50,15 +50,16 @@ def timed(name, fn, clock, sync):
 
 
 def fastest(work_a, work_b, repeats: int, sync) -> tuple[float, float]:
-    """Seconds of the fastest of `repeats` runs of each of two callables, run alternately after one warm-up each
-    (other processes only ever add time)."""
+    """Seconds of the fastest of `repeats` runs of each of two callables, run alternately after one warm-up
+    each (other processes only ever add time)."""
     def clock(work):
         sync()
         t = time.perf_counter()
         work()
         sync()
         return time.perf_counter() - t
-    work_a(), work_b()
+    work_a()
+    work_b()
     times = [(clock(work_a), clock(work_b)) for _ in range(repeats)]
     return min(a for a, _ in times), min(b for _, b in times)
 
@@ -66,7 +67,10 @@ def fastest(work_a, work_b, repeats: int, sync) -> tuple[float, float]:
 def response_tokens(ids: torch.Tensor, eos: list[int]) -> int:
     """Tokens generated per row up to and including the first EOS, summed. ids [N, T]."""
     T = ids.shape[1]
-    is_eos = torch.isin(ids, torch.tensor(eos, device=ids.device)) if eos else torch.zeros_like(ids, dtype=torch.bool)
+    if eos:
+        is_eos = torch.isin(ids, torch.tensor(eos, device=ids.device))           # [N, T]
+    else:
+        is_eos = torch.zeros_like(ids, dtype=torch.bool)
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(ids[:, 0], T))
     return int(first.sum())
 
@@ -79,9 +83,11 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each, alternating; the fastest counts")
     p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -93,11 +99,12 @@ def main():
     if a.student is None:
         from data.tiny_student import build_tiny_student
         a.student = build_tiny_student(data, Path(tempfile.mkdtemp()) / "tiny-student", seed=0)
-    tok, ip = AutoTokenizer.from_pretrained(a.student), AutoImageProcessor.from_pretrained(a.student)
+    tok = AutoTokenizer.from_pretrained(a.student)
+    ip = AutoImageProcessor.from_pretrained(a.student)
     model = AutoModelForImageTextToText.from_pretrained(a.student).to(a.device).eval()
     rows = [json.loads(line) for line in open(data / "train.jsonl")][:a.prompts]
-    prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows], [data / r["image"] for r in rows],
-                                     family=model.config.model_type)
+    prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows],
+                                     [data / r["image"] for r in rows], family=model.config.model_type)
     prompts = {k: v.to(a.device) for k, v in prompts.items()}
     knobs = dict(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.05)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
@@ -113,8 +120,9 @@ def main():
         return
 
     def ours(eos_ids):
+        generator = torch.Generator(a.device).manual_seed(a.seed)
         out = rollout.generate(model, prompts, max_new_tokens=a.max_new_tokens, num_samples=a.samples,
-                               eos_token_id=eos_ids, generator=torch.Generator(a.device).manual_seed(a.seed), **knobs)
+                               eos_token_id=eos_ids, generator=generator, **knobs)
         return int(out.response_mask.sum())
 
     def theirs(eos_ids):
@@ -123,8 +131,9 @@ def main():
         try:
             out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
                                  mm_token_type_ids=prompts["mm_token_type_ids"], do_sample=True,
-                                 num_return_sequences=a.samples, max_new_tokens=a.max_new_tokens, pad_token_id=0,
-                                 suppress_tokens=rollout.placeholder_ids(model), **vision, **knobs)
+                                 num_return_sequences=a.samples, max_new_tokens=a.max_new_tokens,
+                                 pad_token_id=0, suppress_tokens=rollout.placeholder_ids(model), **vision,
+                                 **knobs)
         finally:
             model.generation_config.eos_token_id = saved
         return response_tokens(out[:, prompts["input_ids"].shape[1]:], eos_ids)
@@ -139,10 +148,11 @@ def main():
 
     a_small = a.max_new_tokens
     a.max_new_tokens = 4                                                          # warm-up
-    ours(eos), theirs(eos)
+    ours(eos)
+    theirs(eos)
     a.max_new_tokens = a_small
     for mode, eos_ids in (("EOS on", eos), ("EOS off", [])):
-        hf, us, spent = [], [], defaultdict(float)                                # runs alternate: same load for both
+        hf, us, spent = [], [], defaultdict(float)                  # runs alternate: same load for both
         for _ in range(a.repeats):
             hf.append(clock(theirs, eos_ids))
             originals = {name: getattr(rollout, name) for names in SHARES.values() for name in names}
@@ -153,7 +163,8 @@ def main():
             finally:
                 for name, fn in originals.items():
                     setattr(rollout, name, fn)
-        (n_hf, t_hf), (n_us, t_us) = min(hf, key=lambda r: r[1]), min(us, key=lambda r: r[1])
+        n_hf, t_hf = min(hf, key=lambda r: r[1])
+        n_us, t_us = min(us, key=lambda r: r[1])
         print(f"\n[{mode}] runs (s): transformers {' '.join(f'{t:.2f}' for _, t in hf)}, "
               f"rollout {' '.join(f'{t:.2f}' for _, t in us)}; fastest of each below")
         print(f"[{mode}] transformers generate: {n_hf} tokens in {t_hf:.2f} s = {n_hf / t_hf:.0f} tok/s")
@@ -165,14 +176,16 @@ def main():
 
 
 def bench_logprobs(a, model, tok, prompts, rows, sync):
-    """Forward + backward of response_logprobs over a.samples cached teacher responses per prompt: the prompt once
-    per question (shared KV cache) against one prompt copy per response; and the forward alone (pi_old, pi_ref)."""
+    """Forward + backward of response_logprobs over a.samples cached teacher responses per prompt: the prompt
+    once per question (shared KV cache) against one prompt copy per response; and the forward alone (pi_old,
+    pi_ref)."""
     texts = []
-    for r in rows:                                                                # a.samples per prompt, cycling
+    for r in rows:                                                            # a.samples per prompt, cycling
         pool = [t for responses in r["teachers"].values() for t in responses]
         texts += [pool[j % len(pool)] for j in range(a.samples)]
     ids, mask, _ = rollout.encode_responses(tok, texts, a.max_new_tokens, tok.eos_token_id)
-    ids, mask = ids.to(a.device), mask.to(a.device)                               # [N, T]
+    ids = ids.to(a.device)                                                        # [N, T]
+    mask = mask.to(a.device)
     per_row = rollout.select_prompts(prompts, torch.arange(len(texts), device=a.device) // a.samples)
     print(f"log-probs workload: {len(rows)} prompts ({prompts['input_ids'].shape[1]} tokens) x {a.samples} "
           f"responses ({mask.sum(1).float().mean():.0f} tokens on average, {ids.shape[1]} padded)")
@@ -191,8 +204,9 @@ def bench_logprobs(a, model, tok, prompts, rows, sync):
 
 
 def bench_disc(a, tok, rows, sync):
-    """D on a.samples responses per question (half cached teacher text, half the plain SFT style), in micro-batches
-    of 32 as in the RL step: the prompt's fixed start run once per micro-batch against written into every row."""
+    """D on a.samples responses per question (half cached teacher text, half the plain SFT style), in
+    micro-batches of 32 as in the RL step: the prompt's fixed start run once per micro-batch against written
+    into every row."""
     from discriminator import Discriminator, encode_for_discriminator
     disc = Discriminator.from_student(a.student).to(a.device)
     texts = []
@@ -201,9 +215,11 @@ def bench_disc(a, tok, rows, sync):
         texts += [pool[j % len(pool)] for j in range(a.samples // 2)]
         texts += [f"The answer is \\boxed{{{r['answer']}}}." for _ in range(a.samples - a.samples // 2)]
     texts.sort(key=len)                                                           # as update() orders them
-    batches = {shared: [{k: v.to(a.device) for k, v in encode_for_discriminator(tok, texts[i:i + 32], 192,
-                                                                                  shared_prefix=shared)[0].items()}
-                        for i in range(0, len(texts), 32)] for shared in (False, True)}
+    batches = {False: [], True: []}                                  # shared prefix or not -> micro-batches
+    for shared in batches:
+        for i in range(0, len(texts), 32):
+            enc = encode_for_discriminator(tok, texts[i:i + 32], 192, shared_prefix=shared)[0]
+            batches[shared].append({k: v.to(a.device) for k, v in enc.items()})
     n_tokens = sum(int(e["attention_mask"].sum()) for e in batches[False])
     print(f"discriminator workload: {len(texts)} responses, {n_tokens} tokens with the prompt in every row")
 
@@ -217,8 +233,8 @@ def bench_disc(a, tok, rows, sync):
     for grad in (True, False):
         shared, copied = fastest(lambda: work(True, grad), lambda: work(False, grad), a.repeats, sync)
         what = "forward + backward (update)" if grad else "forward (p_student)"
-        print(f"[discriminator, {what}] prompt in every row {copied:.3f} s, shared prompt start {shared:.3f} s: "
-              f"speed-up {copied / shared:.2f}x")
+        print(f"[discriminator, {what}] prompt in every row {copied:.3f} s, "
+              f"shared prompt start {shared:.3f} s: speed-up {copied / shared:.2f}x")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ class Discriminator(nn.Module):
         cache, P = None, 0 if prefix_ids is None else prefix_ids.numel()
         if P and not can_share_cache(self.backbone):  # the prefix written into each row
             input_ids = torch.cat([prefix_ids.to(input_ids).expand(B, P), input_ids], 1)  # [B, P + L]
-            last, position_ids = last + P, torch.cat([torch.arange(P).to(mask).expand(B, P), position_ids + P], 1)
+            last = last + P
+            prefix_pos = torch.arange(P).to(mask).expand(B, P)  # [B, P]
+            position_ids = torch.cat([prefix_pos, position_ids + P], 1)  # [B, P + L]
         elif P:  # the prefix once, its cache repeated B times, the rows on top of it
             cache = self.backbone(input_ids=prefix_ids.to(input_ids).view(1, P),
                                   position_ids=torch.arange(P).to(mask)[None], use_cache=True).past_key_values
@@ -67,10 +69,11 @@ class Discriminator(nn.Module):
             position_ids = position_ids + P
         if P:
             mask = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P + L]
-        h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache,
                           use_cache=cache is not None).last_hidden_state  # [B, L (or P + L), d]
         h_last = h[torch.arange(B, device=h.device), last]  # [B, d]
-        return self.head(h_last).squeeze(-1).float().clone()  # [B]; a new tensor: FSDP2 warns on returned views
+        return self.head(h_last).squeeze(-1).float().clone()  # [B]; a copy: FSDP2 warns on returned views
 
     @classmethod
     def from_student(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":
@@ -92,7 +95,8 @@ class Discriminator(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.state_dict()
         body = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        head = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("head.")}
+        head = {k[len("head."):]: v.detach().cpu().contiguous()
+                for k, v in sd.items() if k.startswith("head.")}
         self.backbone.save_pretrained(path, state_dict=body)
         save_file(head, str(path / HEAD_FILE))
         if tokenizer is not None:
@@ -100,13 +104,14 @@ class Discriminator(nn.Module):
 
 
 def can_share_cache(backbone: nn.Module) -> bool:
-    """Whether the prefix's KV cache may feed the rows' forward: not under activation checkpointing (HF turns the
-    cache off), nor when gradients flow under FSDP2 (each layer runs twice before backward; FSDP2 releases a layer's
-    gathered weights and reduces its gradients after the second call's backward, before the prefix's call, which it
-    reaches only through the cache)."""
+    """Whether the prefix's KV cache may feed the rows' forward: not under activation checkpointing (HF turns
+    the cache off), nor when gradients flow under FSDP2 (each layer runs twice before backward; FSDP2 releases
+    a layer's gathered weights and reduces its gradients after the second call's backward, before the prefix's
+    call, which it reaches only through the cache)."""
     from torch.distributed.fsdp import FSDPModule
     fsdp = any(isinstance(m, FSDPModule) for m in backbone.modules())
-    return not getattr(backbone, "is_activation_checkpointing", False) and not (fsdp and torch.is_grad_enabled())
+    checkpointing = getattr(backbone, "is_activation_checkpointing", False)
+    return not checkpointing and not (fsdp and torch.is_grad_enabled())
 
 
 def _text_backbone(model: nn.Module) -> nn.Module:
@@ -124,8 +129,8 @@ def prompt_parts(tokenizer) -> tuple[list[int], list[int]]:
     marker = "\x00RESPONSE\x00"
     user = f"<response>{marker}</response>"
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-                                             tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:  # a tokenizer without a chat template (a base LM): plain text, same structure
         text = f"{SYSTEM}\n\n{user}\n\nAnswer:"
     before, after = text.split(marker)
@@ -138,7 +143,8 @@ def encode_for_discriminator(tokenizer, responses: list[str], max_len: int,
     """Left-padded {"input_ids", "attention_mask"} [N, L <= max_len] and the number of responses cut.
     A response too long for max_len keeps its end (where the answer is): truncated from the left, logged.
     shared_prefix: the prompt's fixed start (system message, "<response>") is left out of the rows and given
-    once as "prefix_ids" [P], for `Discriminator.forward` to run once for the whole batch (the same logits)."""
+    once as "prefix_ids" [P], for `Discriminator.forward` to run once for the whole batch (the same
+    logits)."""
     before, after = prompt_parts(tokenizer)
     budget = max_len - len(before) - len(after)
     if budget < 1:
@@ -185,7 +191,8 @@ def p_student(disc: Discriminator, tokenizer, responses: list[str], max_len: int
 def discriminator_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 1 as a loss: -(mean log D(o_s) + mean log(1 - D(o_t))) / 2, from logits (stable BCE),
     label 1 = student, 0 = teacher; each set averaged, then the two averaged."""
-    ls, lt = logits_student.float(), logits_teacher.float()  # [Ns], [Nt]
+    ls = logits_student.float()  # [Ns]
+    lt = logits_teacher.float()  # [Nt]
     loss_s = F.binary_cross_entropy_with_logits(ls, torch.ones_like(ls))  # -mean log sigmoid(l_s)
     loss_t = F.binary_cross_entropy_with_logits(lt, torch.zeros_like(lt))  # -mean log(1 - sigmoid(l_t))
     return 0.5 * (loss_s + loss_t)
@@ -210,15 +217,17 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
     rank must call it with the same numbers of texts; stats are averaged over ranks. A non-finite loss or
     gradient norm (on any rank) skips the step: stats["skipped"] = 1. Returns loss, accuracy (mean of
     the two per-set accuracies), p_student / p_teacher (mean D on each set), grad_norm, n_truncated."""
-    ns, nt = len(student_texts), len(teacher_texts)
+    ns = len(student_texts)
+    nt = len(teacher_texts)
     if ns == 0 or nt == 0:
         raise ValueError(f"update needs texts of both kinds, got {ns} student and {nt} teacher")
     texts = list(student_texts) + list(teacher_texts)
     labels = torch.cat([torch.ones(ns), torch.zeros(nt)])  # [N]
     weights = torch.cat([torch.full((ns,), 0.5 / ns), torch.full((nt,), 0.5 / nt)])  # [N] Eq. 1 as a sum
-    mb, dev = micro_batch_size or len(texts), _device(disc)
+    mb = micro_batch_size or len(texts)
+    dev = _device(disc)
     disc.train()
-    order = sorted(range(len(texts)), key=lambda j: len(texts[j]))  # micro-batches of similar lengths: less padding
+    order = sorted(range(len(texts)), key=lambda j: len(texts[j]))  # similar lengths together: less padding
     logits, n_cut = torch.zeros(len(texts)), 0
     for i in range(0, len(texts), mb):
         idx = order[i:i + mb]
@@ -247,7 +256,8 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
 
 def pretrain(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, student_texts: list[str],
              teacher_texts: list[str], steps: int, batch_size: int, max_len: int, seed: int = 0,
-             log_every: int = 10, micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0) -> dict:
+             log_every: int = 10, micro_batch_size: int | None = None,
+             max_grad_norm: float | None = 1.0) -> dict:
     """Pre-train D on cached responses (all teachers' responses labelled teacher): `steps` calls of
     `update`, each on `batch_size` student and `batch_size` teacher texts drawn (with replacement) by a
     generator seeded with `seed`. Under torchrun give each rank its own shard of texts or its own seed.
@@ -258,12 +268,14 @@ def pretrain(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, s
     for step in range(steps):
         si = torch.randint(len(student_texts), (batch_size,), generator=g).tolist()
         ti = torch.randint(len(teacher_texts), (batch_size,), generator=g).tolist()
-        stats = update(disc, optimizer, tokenizer, [student_texts[i] for i in si], [teacher_texts[i] for i in ti],
-                       max_len, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
+        stats = update(disc, optimizer, tokenizer, [student_texts[i] for i in si],
+                       [teacher_texts[i] for i in ti], max_len, micro_batch_size=micro_batch_size,
+                       max_grad_norm=max_grad_norm)
         history.append(stats)
         if rank0 and log_every and (step % log_every == 0 or step == steps - 1):
             print(f"disc pretrain step {step:5d} | loss {stats['loss']:.4f} | acc {stats['accuracy']:.3f} | "
-                  f"p_s {stats['p_student']:.3f} p_t {stats['p_teacher']:.3f} | gnorm {stats['grad_norm']:.3f}")
+                  f"p_s {stats['p_student']:.3f} p_t {stats['p_teacher']:.3f} | "
+                  f"gnorm {stats['grad_norm']:.3f}")
     return {**(history[-1] if history else {}), "steps": steps, "seconds": time.time() - t0,
             "n_skipped": sum(h["skipped"] for h in history), "history": history}
 
@@ -274,6 +286,7 @@ def evaluate(disc: Discriminator, tokenizer, student_texts: list[str], teacher_t
     """Held-out accuracy of D: student texts should get p > 0.5, teacher texts p < 0.5 (balanced mean)."""
     ps = p_student(disc, tokenizer, student_texts, max_len, batch_size)  # [Ns]
     pt = p_student(disc, tokenizer, teacher_texts, max_len, batch_size)  # [Nt]
-    acc_s, acc_t = (ps > 0.5).float().mean().item(), (pt < 0.5).float().mean().item()
+    acc_s = (ps > 0.5).float().mean().item()
+    acc_t = (pt < 0.5).float().mean().item()
     return {"accuracy": 0.5 * (acc_s + acc_t), "acc_student": acc_s, "acc_teacher": acc_t,
             "p_student": ps.mean().item(), "p_teacher": pt.mean().item()}

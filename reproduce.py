@@ -1,6 +1,6 @@
 """Reproduce the paper's comparisons on the embedded task: the baselines, RIL and its ablations, 3 seeds each.
 
-    python reproduce.py                                 # the whole grid -> runs/grid/table.md, runs/grid/curves.png
+    python reproduce.py                                 # the grid -> runs/grid/table.md, runs/grid/curves.png
     python reproduce.py --only grpo,ril-both --seeds 0  # a subset
     python reproduce.py --steps 40 -- --batch-size 8    # after --: flags for every ril.py run
     python reproduce.py --dry-run                       # print the commands, run nothing
@@ -8,9 +8,9 @@
 Every run is `ril.py --stage rl` from the same SFT student. Each configuration's discriminator is pre-trained
 from that student on the teachers the configuration imitates: one for both teachers, one for each single
 teacher. On the embedded task they are checkpoints/tiny-sft and checkpoints/tiny-disc[-teacher], built first
-when missing (`ril.py --stage sft`, `ril.py --stage disc [--teachers T]`). With `--student PATH` after `--`, PATH
-is the SFT start and the discriminators go to <out>/shared/discriminator[-teacher] (unless `--discriminator` is
-given, which ril.py then checks against each configuration's teachers).
+when missing (`ril.py --stage sft`, `ril.py --stage disc [--teachers T]`). With `--student PATH` after `--`,
+PATH is the SFT start and the discriminators go to <out>/shared/discriminator[-teacher] (unless
+`--discriminator` is given, which ril.py then checks against each configuration's teachers).
 A run whose summary.json exists is skipped and one with a checkpoint is resumed, so an interrupted grid goes
 on where it stopped. Runs go seed-major (every configuration at seed 0 first): a grid cut short still gives
 one row per configuration. At the end evaluate.py's compare_table and plot_runs write <out>/table.md
@@ -40,7 +40,7 @@ GRID = {
     "ril-reflective": ["--teachers", "reflective"],      # RIL with the other teacher
     "ril-both":       [],                                # RIL with both teachers (ril.py's default)
     "sim-only":       ["--answer-reward", "off"],        # ablation: similarity reward only
-    "frozen-disc":    ["--freeze-disc"],                 # ablation: the pre-trained discriminator is not updated
+    "frozen-disc":    ["--freeze-disc"],                 # ablation: the pre-trained discriminator stays fixed
     "continuous":     ["--similarity", "continuous"],    # ablation: r_sim = 1 - D(o) instead of 1[D(o) < 0.5]
     "beta0":          ["--beta", "0"],                   # ablation: no KL penalty
 }
@@ -51,8 +51,9 @@ OWN_FLAGS = ("--stage", "--name", "--out-dir", "--seed", "--resume")  # set per 
 # side; the side-by-side runs share their ~25 s of start-up and evaluation, which wins only below ~13 steps.
 NPROC, PARALLEL = 2, 1
 # Every run takes ril.py's own settings: on the embedded task the default run's (200 steps, lr 3e-4, beta 0.1;
-# EMBEDDED in ril.py), with --student the paper's. Measured steps on two idle cores: RIL 2.5 s, Dr.GRPO ~0.75 s,
-# so a seed of the 9 configurations is ~1 h and the grid ~3 h (estimated; --steps N shortens every run).
+# EMBEDDED in ril.py), with --student the paper's. Measured steps on two idle cores: RIL 2.5 s,
+# Dr.GRPO ~0.75 s, so a seed of the 9 configurations is ~1 h and the grid ~3 h (estimated; --steps N shortens
+# every run).
 
 
 def run_name(name: str, seed: int) -> str:
@@ -67,7 +68,8 @@ def launcher(nproc: int) -> list[str]:
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
-    """The last value of `--flag VALUE` or `--flag=VALUE` in an argument list (ril.py's argparse: last wins)."""
+    """The last value of `--flag VALUE` or `--flag=VALUE` in an argument list (as ril.py's argparse reads
+    it: the last wins)."""
     value = None
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
@@ -84,13 +86,15 @@ def teachers_of(name: str) -> str:
 
 def uses_disc(name: str) -> bool:
     """Whether a configuration needs a pre-trained discriminator (RIL with a similarity reward)."""
-    return flag_value(GRID[name], "--algo") in (None, "ril") and flag_value(GRID[name], "--similarity") != "off"
+    is_ril = flag_value(GRID[name], "--algo") in (None, "ril")
+    return is_ril and flag_value(GRID[name], "--similarity") != "off"
 
 
 def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
     """Where the discriminator for a set of teachers lives: on the embedded task ril.py's own place
     (checkpoints/tiny-disc[-teachers], which ril.py keys the same way); with --student one per set under
-    <out>/shared; None when --discriminator is given (ril.py refuses it if it was pre-trained on other teachers)."""
+    <out>/shared; None when --discriminator is given (ril.py refuses it if it was pre-trained on other
+    teachers)."""
     suffix = f"-{teachers.replace(',', '+')}" if teachers else ""
     if flag_value(extra, "--student") is None:
         return TINY_DIR / f"tiny-disc{suffix}"
@@ -100,9 +104,10 @@ def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
 
 
 def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[str, list[str]]]:
-    """The commands that build what the runs share, when missing, as (log name, ril.py args): the SFT start on the
-    embedded task, then one discriminator per set of imitated teachers (each pre-trained on the teachers its
-    configurations imitate). ril.py itself pre-trains a discriminator again when its SFT start has changed."""
+    """The commands that build what the runs share, when missing, as (log name, ril.py args): the SFT start on
+    the embedded task, then one discriminator per set of imitated teachers (each pre-trained on the teachers
+    its configurations imitate). ril.py itself pre-trains a discriminator again when its SFT start has
+    changed."""
     shared = ["--out-dir", str(out), "--name", "shared"]
     todo = []
     if flag_value(extra, "--student") is None and not (TINY_DIR / "tiny-sft" / "config.json").exists():
@@ -121,7 +126,9 @@ def disc_flags(name: str, out: Path, extra: list[str]) -> list[str]:
     """The flag that points one configuration's runs at its discriminator (with --student; the embedded
     pipeline finds its own)."""
     path = disc_dir(out, extra, teachers_of(name))
-    return ["--discriminator", str(path)] if uses_disc(name) and path and flag_value(extra, "--student") else []
+    if uses_disc(name) and path and flag_value(extra, "--student"):
+        return ["--discriminator", str(path)]
+    return []
 
 
 def run_args(name: str, seed: int, out: Path, common: list[str]) -> list[str]:
@@ -151,7 +158,8 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 def write_report(out: Path, run_dirs: list[Path]) -> str:
-    """evaluate.py's comparison table (to <out>/table.md) and curves (to <out>/curves.png) of the finished runs."""
+    """evaluate.py's comparison table (to <out>/table.md) and curves (to <out>/curves.png) of the finished
+    runs."""
     from evaluate import compare_table, group_runs, load_run, plot_runs
     groups = group_runs([load_run(d) for d in run_dirs])
     table = compare_table(groups)
@@ -165,9 +173,12 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False, epilog="Any other option goes to every ril.py run as it is.")
-    p.add_argument("--out", default="runs/grid", help="the grid's folder: one run folder per run, table.md, curves.png")
-    p.add_argument("--only", default=",".join(GRID), help=f"comma-separated configurations (default all: {','.join(GRID)})")
+                                allow_abbrev=False,
+                                epilog="Any other option goes to every ril.py run as it is.")
+    p.add_argument("--out", default="runs/grid",
+                   help="the grid's folder: one run folder per run, table.md, curves.png")
+    p.add_argument("--only", default=",".join(GRID),
+                   help=f"comma-separated configurations (default all: {','.join(GRID)})")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: ril.py's)")
     p.add_argument("--nproc", type=int, default=NPROC, help="processes per run (torchrun when > 1)")
@@ -193,7 +204,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     out = Path(args.out).resolve()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cpus // (args.nproc * args.parallel))  # intra-op threads per process: the cores, shared out
+    threads = max(1, cpus // (args.nproc * args.parallel))  # intra-op threads per process: the cores shared
     common = [*(["--steps", str(args.steps)] if args.steps else []), *args.extra]
     prep = shared_stages(out, args.extra, args.names)
     runs = [(n, s) for s in args.seed_list for n in args.names]  # seed-major

@@ -80,7 +80,8 @@ _CHOICE = re.compile(r"^\(?([a-z])\)?(?:[.:)]|$)|^\(([a-z])\)")  # b, (b), b., b
 
 
 def normalize(s: str) -> str:
-    """Lower-case, no $, no \\text{}, no \\left/\\right, no LaTeX spacing, no trailing period, one-space runs."""
+    """Lower-case, no $, no \\text{}, no \\left/\\right, no LaTeX spacing, no trailing period, one-space
+    runs."""
     s = s.replace("$", "")
     for _ in range(3):  # nested \text{\textbf{x}}
         s = _TEXT_CMD.sub(r"\1", s)
@@ -91,10 +92,11 @@ def normalize(s: str) -> str:
 
 
 def parse_number(s: str) -> Fraction | None:
-    """A normalised string as an exact number: 12, -3.5, 2.50, 1,234, 3/4, \\frac{3}{4}, \\dfrac{3}{4}; else None."""
+    """A normalised string as an exact number: 12, -3.5, 2.50, 1,234, 3/4, \\frac{3}{4}, \\dfrac{3}{4}; else
+    None."""
     m = _FRAC.match(s) or _SLASH.match(s)
     if m:
-        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.re is _FRAC else ("", m.group(1), m.group(2))
+        sign, num, den = m.group(1, 2, 3) if m.re is _FRAC else ("", *m.group(1, 2))
         if int(den) == 0:
             return None
         value = Fraction(int(num), int(den))
@@ -112,12 +114,14 @@ def choice_letter(s: str) -> str | None:
 
 def answers_match(pred: str, truth: str) -> bool:
     """Rule-based equality of an extracted answer and the ground truth (after `normalize`)."""
-    pred, truth = normalize(pred), normalize(truth)
+    pred = normalize(pred)
+    truth = normalize(truth)
     if not pred or not truth:
         return False
     if pred == truth:
         return True
-    p_num, t_num = parse_number(pred), parse_number(truth)
+    p_num = parse_number(pred)
+    t_num = parse_number(truth)
     if p_num is not None and t_num is not None:
         return p_num == t_num  # as numbers: 2.50 == 2.5, 1/2 == 0.5; never a substring (33 != 3)
     t_letter = choice_letter(truth)
@@ -136,7 +140,8 @@ def rule_rewards(responses: list[str], answers: list[str]) -> tuple[torch.Tensor
     """`answer_reward` over a batch, with the same return shape as `judge_rewards` (--answer-reward rule)."""
     preds = [extract_answer(r) for r in responses]
     r = torch.tensor([float(p is not None and answers_match(p, a)) for p, a in zip(preds, answers)])  # [N]
-    return r, {"n": len(r), "n_no_answer": sum(p is None for p in preds), "mean": r.mean().item() if len(r) else 0.0}
+    return r, {"n": len(r), "n_no_answer": sum(p is None for p in preds),
+               "mean": r.mean().item() if len(r) else 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def judge_rewards(model, tokenizer, questions: list[str], answers: list[str], re
     prompts = [judge_prompt(q, a, r) for q, a, r in zip(questions, answers, responses)]
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    verdicts, device = [], next(model.parameters(), torch.zeros(0)).device  # (CPU for a model without weights)
+    verdicts = []
+    device = next(model.parameters(), torch.zeros(0)).device  # (CPU for a model without weights)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         enc = encode_prompts(tokenizer, None, chunk, [None] * len(chunk), system=JUDGE_SYSTEM)

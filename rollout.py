@@ -1,28 +1,14 @@
 """Rollout: prompts in, responses out.
 
-    prompts = encode_prompts(tokenizer, image_processor, questions, images)   # left-padded, positions included
+    prompts = encode_prompts(tokenizer, image_processor, questions, images)  # left-padded, with positions
     out = generate(model, prompts, max_new_tokens=128, num_samples=4, top_p=0.95, top_k=50)
     logp = response_logprobs(model, prompts, out.response_ids, out.response_mask)  # [B*G, T]
 
-`generate` is a hand-written KV-cache decode loop rather than `model.generate`:
-- the vision tower and the prompt run once per prompt; the prompt's keys/values are then copied to its G samples;
-- the cache is preallocated, one K and one V tensor per layer, written in place; finished rows are dropped from it;
-- positions are computed here, explicitly (3-D mRoPE for Qwen2-VL / Qwen2.5-VL / Qwen3-VL, from the image grid;
-  1-D for InternVL), and nothing is read from or left on the model between calls (no `rope_deltas`);
-- we call the decoder layers' own submodules (norms, projections, MLP) and do attention ourselves with SDPA,
-  instead of passing a Cache object through the HF forward: the per-token path is then a dozen tensor ops per
-  layer with no mask building or kwargs plumbing, which is what makes small-batch decoding fast.
-`response_logprobs` goes through the model's own forward (so FSDP hooks and autograd work) with the same
-position ids; given one prompt row per question, it too runs each prompt once: the prompt and the question's
-responses form one packed row, each response attending to the prompt and to itself (`packed_mask`). Sampling
-follows transformers' logits processors (repetition penalty, then temperature, top-k, top-p), in float32, except
-that left-padding does not count as a prompt token for the repetition penalty; with top-k, only the k
-candidates are sorted and drawn from (the same distribution).
-Supported: Qwen2-VL, Qwen2.5-VL, InternVL3 (transformers format, `-hf`) and Qwen3-VL (dense, and the MoE models
-as teachers); the families differ only in FAMILIES below. Decoder layouts: Qwen2 / Qwen2-VL / Qwen2.5-VL
-(InternVL3's language model is Qwen2; text-only Qwen2 too) and Qwen3 / Qwen3-VL(-MoE): q/k RMSNorm per head
-(decoder_layer), DeepStack's vision features added to the image tokens after the first layers (embed_prompts,
-add_deepstack, prefill only), experts in place of the MLP (the layer's own `mlp` module).
+`generate` is a hand-written KV-cache loop, not `model.generate`: each prompt (its image included) runs once
+and its keys/values are copied to its G samples; the cache is preallocated and finished rows leave it;
+positions (3-D mRoPE from the image grid, or 1-D) are computed here; the decoder layers' own submodules run
+under SDPA, a dozen tensor ops per layer and step. `response_logprobs` runs the model's own forward (FSDP,
+autograd) with the same positions, each prompt once. Families: Qwen2-VL, Qwen2.5-VL, InternVL3, Qwen3-VL.
 """
 from __future__ import annotations
 
@@ -33,38 +19,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
-# ----------------------------------------------------------------------------------------------------------------
-# The family-specific part, all of it: how an image becomes tokens and which positions they get. Keyed by
-# the model's config.model_type (what identifies a family: Qwen2-VL, Qwen2.5-VL and Qwen3-VL share one image
-# processor class). Text-only batches need no entry (plain 1-D positions).
-# image_processor: the class (name prefix) the family ships; image_token: what the chat template writes once per
-# image (= config.image_token_id); kwargs: for the image processor; per_image: the key of its output with one
-# entry per image (Qwen: the patch grid t, h, w; InternVL: the tile count); rows: entry -> rows of pixel_values;
-# tokens: (entry, tokenizer, image processor) -> the ids that replace the placeholder; inputs: the model's vision
-# inputs; mrope: 3-D positions (Qwen-VL families) or 1-D.
-
+# ---- Families: how an image becomes tokens and positions, by config.model_type (text needs no entry) -------
+# image_processor: its class name's prefix; image_token: the template's placeholder; kwargs: the processor's;
+# per_image: its output per image (Qwen: the grid t, h, w; InternVL: tiles); rows: entry -> pixel_values rows;
+# tokens: (entry, tokenizer, processor) -> the placeholder's expansion; inputs; mrope: 3-D positions or 1-D.
 
 def qwen_image_tokens(grid_thw, tokenizer, image_processor) -> list[int]:
-    """Qwen-VL families: <|image_pad|> once per merge x merge block of patches (Qwen2-VL / Qwen2.5-VL: 14 px
-    patches, 28 x 28 px per token; Qwen3-VL: 16 px patches, 32 x 32 px per token; read off the processor)."""
-    return [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * (int(grid_thw.prod()) // image_processor.merge_size ** 2)
-
+    """Qwen-VL: <|image_pad|> once per merge x merge block of patches (28 or, for Qwen3-VL, 32 px square)."""
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return [pad] * (int(grid_thw.prod()) // image_processor.merge_size ** 2)
 
 def internvl_image_tokens(n_tiles, tokenizer, image_processor) -> list[int]:
-    """InternVL (InternVLProcessor's expansion): <img>, <IMG_CONTEXT> once per token of every tile, </img>.
-    InternViT cuts a tile into 14 px patches and pixel-shuffles them by 0.5: one token per 28 x 28 px, so a 448 px
-    tile gives 256 tokens (config.image_seq_length). embed_prompts checks the count against the vision tower's."""
+    """InternVL: <img>, <IMG_CONTEXT> once per token of every tile, </img>; InternViT's 14 px patches,
+    pixel-shuffled by 0.5, make one token per 28 x 28 px (256 per 448 px tile; embed_prompts checks)."""
     per_tile = (image_processor.size["height"] // 28) * (image_processor.size["width"] // 28)
     start, context, end = tokenizer.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
     return [start] + [context] * (per_tile * int(n_tiles)) + [end]
 
-
-def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.Tensor], merge: int) -> torch.Tensor:
-    """3-D (t, h, w) positions [3, L] of one unpadded row, as the Qwen-VL models' get_rope_index computes them
-    for images (Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike): a text token advances all three by 1; an image's tokens
-    get (p + t, p + row, p + col) and the text after it starts at p + max(h, w). (Qwen3-VL interleaves the three
-    over the rotary dims instead of giving each a block; its own rotary_emb does that from these positions.)"""
+def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list, merge: int) -> torch.Tensor:
+    """3-D (t, h, w) positions [3, L] of one unpadded row, as Qwen-VL's get_rope_index gives them: text adds 1
+    to all three; an image's tokens get (p + t, p + row, p + col), the text after it p + max(h, w) on."""
     pos, cur, i, grids = [], 0, 0, iter(grids)
     while i < len(ids):
         j = i
@@ -80,22 +56,18 @@ def qwen_mrope_positions(ids: list[int], image_token_id: int, grids: list[torch.
             cur, i = cur + max(h, w), i + t * h * w
     return torch.cat(pos, 1)
 
-
 QWEN_VL = dict(image_processor="Qwen2VLImageProcessor", image_token="<|image_pad|>", kwargs={},
                per_image="image_grid_thw", rows=lambda grid: int(grid.prod()), tokens=qwen_image_tokens,
                inputs=("pixel_values", "image_grid_thw"), mrope=True)
 INTERNVL = dict(image_processor="GotOcr2ImageProcessor", image_token="<IMG_CONTEXT>",
-                kwargs=dict(crop_to_patches=True), per_image="num_patches", rows=int, tokens=internvl_image_tokens,
-                inputs=("pixel_values",), mrope=False)
+                kwargs=dict(crop_to_patches=True), per_image="num_patches", rows=int,
+                tokens=internvl_image_tokens, inputs=("pixel_values",), mrope=False)
 FAMILIES = {"qwen2_vl": QWEN_VL, "qwen2_5_vl": QWEN_VL, "qwen3_vl": QWEN_VL, "qwen3_vl_moe": QWEN_VL,
             "internvl": INTERNVL}
 
-
 def family_of(image_processor, family: str | None = None) -> dict:
-    """The FAMILIES entry of a checkpoint's config.model_type (`family`), checked against its image processor.
-    Without `family`: the entry whose image processor this is. That is exact for images, since the Qwen-VL
-    generations share Qwen2VLImageProcessor and expand and position an image alike; they part on video
-    (Qwen3-VL puts frame timestamps between frames), which rollout does not encode."""
+    """The FAMILIES entry of config.model_type (`family`), checked against the image processor; without it,
+    the entry whose image processor this is (exact for images: the Qwen-VL generations part only on video)."""
     name = type(image_processor).__name__
     if family is None:
         found = [f for f in FAMILIES.values() if name.startswith(f["image_processor"])]
@@ -109,20 +81,12 @@ def family_of(image_processor, family: str | None = None) -> dict:
         raise ValueError(f"model_type {family} ships {FAMILIES[family]['image_processor']}, got {name}")
     return FAMILIES[family]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompts and responses as tensors
-
-
+# ---- Prompts and responses as tensors ----------------------------------------------------------------------
 def encode_prompts(tokenizer, image_processor, questions: list[str], images: list, system: str | None = None,
                    family: str | None = None) -> dict:
-    """Chat prompts for a batch, left-padded. `images[i]` is a PIL image, a path, or None (text-only).
-    `family`: the checkpoint's config.model_type (see family_of; needed only for images).
-
-    Returns input_ids / attention_mask / mm_token_type_ids [B, P], position_ids ([3, B, P] when the batch has
-    images of an mRoPE family, else [B, P]), next_position [B] (the position of the first response token), and
-    when there are images the model's vision inputs (pixel_values, and image_grid_thw for Qwen) plus
-    image_rows [images] (rows of pixel_values per image)."""
+    """Chat prompts, left-padded; `images[i]`: a PIL image, a path, or None; `family`: config.model_type.
+    Returns input_ids / attention_mask / mm_token_type_ids [B, P], position_ids ([3, B, P] for mRoPE, else
+    [B, P]), next_position [B] and, with images, the vision inputs and image_rows (pixel_values rows each)."""
     rows, vision = [], [im for im in images if im is not None]
     vision = [Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im for im in vision]
     family = family_of(image_processor, family) if vision else None
@@ -131,52 +95,43 @@ def encode_prompts(tokenizer, image_processor, questions: list[str], images: lis
     img_id = tokenizer.convert_tokens_to_ids(family["image_token"]) if family else -1
     for question, image in zip(questions, images):
         content = question if image is None else [{"type": "image"}, {"type": "text", "text": question}]
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": content})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids, row_images = [], []
         for tok in tokenizer(text, add_special_tokens=False)["input_ids"]:
             if tok == img_id:                                                  # expand the placeholder
                 row_images.append(next(per_image))
-                ids += family["tokens"](row_images[-1], tokenizer, image_processor)
-            else:
-                ids.append(tok)
+            ids += family["tokens"](row_images[-1], tokenizer, image_processor) if tok == img_id else [tok]
+        pos = torch.arange(len(ids))[None]                                      # [1, L]
         if family and family["mrope"]:
             pos = qwen_mrope_positions(ids, img_id, row_images, image_processor.merge_size)  # [3, L]
-        else:
-            pos = torch.arange(len(ids))[None]                                  # [1, L]
         rows.append((ids, pos))
-    P = max(len(ids) for ids, _ in rows)
-    B, D = len(rows), rows[0][1].shape[0]
-    input_ids = torch.full((B, P), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, P, dtype=torch.long)
-    position_ids = torch.zeros(D, B, P, dtype=torch.long)
-    for b, (ids, pos) in enumerate(rows):
-        input_ids[b, P - len(ids):] = torch.tensor(ids)
-        attention_mask[b, P - len(ids):] = 1
-        position_ids[:, b, P - len(ids):] = pos
-    out = dict(input_ids=input_ids, attention_mask=attention_mask,
+    input_ids = pad_sequence([torch.tensor(ids) for ids, _ in rows], True, tokenizer.pad_token_id, "left")
+    attention_mask = pad_sequence([torch.ones(len(ids)).long() for ids, _ in rows], True, 0, "left")
+    position_ids = pad_sequence([pos.T for _, pos in rows], True, 0, "left").permute(2, 0, 1).contiguous()
+    out = dict(input_ids=input_ids, attention_mask=attention_mask,                # [B, P]
                mm_token_type_ids=(input_ids == img_id).long(),                 # 1 on image tokens (for HF)
-               position_ids=position_ids if D == 3 else position_ids[0],
+               position_ids=position_ids if len(position_ids) == 3 else position_ids[0],  # [(3,) B, P]
                next_position=position_ids.amax((0, 2)) + 1)                     # [B]
     if vision:
         out.update({k: pix[k] for k in family["inputs"]})
         out["image_rows"] = torch.tensor([family["rows"](x) for x in pix[family["per_image"]]])  # [images]
     return out
 
-
 def vision_inputs(prompts: dict) -> dict:
     """The model's image inputs among the prompt tensors (none for a text-only batch)."""
     return {k: v for k, v in prompts.items() if any(k in f["inputs"] for f in FAMILIES.values())}
 
-
 def select_prompts(prompts: dict, index) -> dict:
-    """The prompt rows `index` (a list or LongTensor; repeats allowed), with their images' pixel_values rows and
-    per-image tensors (rows without an image contribute none) and left-padding columns no row needs removed."""
+    """The prompt rows `index` (a list or LongTensor; repeats allowed), with their images' pixel_values rows
+    and per-image tensors (rows without an image contribute none), minus left-padding columns no row needs."""
     index = torch.as_tensor(index, dtype=torch.long)
-    out = {k: prompts[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "next_position")}
+    per_row = ("input_ids", "attention_mask", "mm_token_type_ids", "next_position")
+    out = {k: prompts[k][index] for k in per_row}
     out["position_ids"] = prompts["position_ids"][..., index, :]
     if "pixel_values" in prompts:
-        has_image = prompts["mm_token_type_ids"].any(1)                        # [B], one image per row at most
+        has_image = prompts["mm_token_type_ids"].any(1)                        # [B], an image per row at most
         image_of_row = has_image.long().cumsum(0) - 1                          # [B]
         images = image_of_row[index][has_image[index]]                         # the selected images, in order
         sizes = prompts["image_rows"]                                          # pixel_values rows per image
@@ -190,48 +145,35 @@ def select_prompts(prompts: dict, index) -> dict:
         out[k] = out[k][..., first:]
     return out
 
-
-def encode_responses(tokenizer, texts: list[str], max_new_tokens: int, eos_token_id) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Cached response texts as (response_ids [N, T], response_mask [N, T], n_truncated): tokens + EOS, right-padded.
-    A response longer than max_new_tokens (EOS included) is cut there, has no EOS, and is counted."""
+def encode_responses(tokenizer, texts: list[str], max_new_tokens: int, eos_token_id) -> tuple:
+    """Texts as (response_ids [N, T], response_mask [N, T], n_truncated): tokens + EOS, right-padded; one
+    longer than max_new_tokens (EOS included) is cut there, has no EOS, and is counted."""
     eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     n_truncated = sum(len(s) > max_new_tokens for s in seqs)
     seqs = [s[:max_new_tokens] for s in seqs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], True, tokenizer.pad_token_id or 0)
+    mask = pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs], True, False)   # [N, T]
     return ids, mask, n_truncated
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model, layer by layer
-
-
+# ---- The model, layer by layer -----------------------------------------------------------------------------
 def text_model(model):
     """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a VLM or of a text-only LLM."""
     return getattr(model.model, "language_model", model.model)
 
-
 def placeholder_ids(model) -> list[int]:
-    """Token ids the sampler must never emit: the image / video placeholders (they break the next vision forward)."""
-    return [i for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
-            if i is not None]
-
+    """Token ids the sampler never emits: the image / video placeholders (they break the vision forward)."""
+    ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+    return [i for i in ids if i is not None]
 
 def embed_prompts(model, prompts: dict) -> tuple[torch.Tensor, list]:
-    """Token embeddings of the prompts with the vision tower's features scattered over the image tokens
-    [B, P, d], and the DeepStack inputs: Qwen3-VL's vision tower also gives features from some of its middle
-    layers, which its language model adds to the image tokens' hidden states after its first decoder layers
-    (add_deepstack), one (is_image [B, P], features [image tokens, d]) per such layer; [] for the other
-    families and for text-only batches."""
+    """Token embeddings [B, P, d] with the vision features on the image tokens, and Qwen3-VL's DeepStack
+    inputs: one (is_image [B, P], features [image tokens, d]) per early layer (add_deepstack), else []."""
     ids = prompts["input_ids"]
     x = text_model(model).embed_tokens(ids)                                   # [B, P, d]
     if "pixel_values" not in prompts:
         return x, []
-    out = model.model.get_image_features(**vision_inputs(prompts))  # Qwen: per image [n, d]; InternVL: per tile
+    out = model.model.get_image_features(**vision_inputs(prompts))  # per image (Qwen) or tile (InternVL)
     feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])  # [image tokens, d]
     is_image = ids == model.config.image_token_id                             # [B, P]
     if feats.shape[0] != int(is_image.sum()):
@@ -240,35 +182,31 @@ def embed_prompts(model, prompts: dict) -> tuple[torch.Tensor, list]:
     deep = [torch.cat(f).to(x.device, x.dtype) for f in getattr(out, "deepstack_features", None) or []]
     return x.masked_scatter(is_image[..., None], feats.to(x.device, x.dtype)), [(is_image, f) for f in deep]
 
-
 def add_deepstack(x, is_image, feats) -> torch.Tensor:
-    """DeepStack (Qwen3-VL): features [image tokens, d] added to the image tokens' hidden states x [n, L, d],
-    as Qwen3VLTextModel._deepstack_process does after each of the language model's first decoder layers."""
+    """DeepStack (Qwen3-VL): features [image tokens, d] added to x [n, L, d] (as _deepstack_process does)."""
     is_image = is_image.to(x.device)
     x[is_image] = x[is_image] + feats.to(x.device)
     return x
-
 
 def rope(x, cos, sin):
     """Rotary embedding (rotate-half convention); cos/sin [n, L, D] already hold the mRoPE sections."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
-
 def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
-    """One decoder layer on x [n, L, d]: writes its keys/values into the cache at [start, start+L) in place and
-    attends to the cache up to start+L under the additive `bias` [n, 1, L, start+L] (0 = may attend, -inf = not)."""
+    """One decoder layer on x [n, L, d]: writes its keys/values into the cache at [start, start+L) and
+    attends to the cache up to start+L under the additive `bias` [n, 1, L, start+L] (0 or -inf)."""
     attn, (n, L, _) = layer.self_attn, x.shape
     h = layer.input_layernorm(x)
     q = attn.q_proj(h).view(n, L, -1, attn.head_dim)                          # [n, L, Hq, D]
     k = attn.k_proj(h).view(n, L, -1, attn.head_dim)                          # [n, L, Hkv, D]
     if hasattr(attn, "q_norm"):                                # Qwen3(-VL): an RMSNorm per head, before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)                               # [n, Hq, L, D], [n, Hkv, L, D]
-    v = attn.v_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)
-    k_cache[:, :, start:start + L] = rope(k, cos, sin)
-    v_cache[:, :, start:start + L] = v
-    q, k, v = rope(q, cos, sin), k_cache[:, :, :start + L], v_cache[:, :, :start + L]
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    q = rope(q.transpose(1, 2), cos, sin)                                     # [n, Hq, L, D]
+    k_cache[:, :, start:start + L] = rope(k.transpose(1, 2), cos, sin)        # [n, Hkv, L, D]
+    v_cache[:, :, start:start + L] = attn.v_proj(h).view(n, L, -1, attn.head_dim).transpose(1, 2)
+    k, v = k_cache[:, :, :start + L], v_cache[:, :, :start + L]
     if L == 1:  # decoding: a KV head's Hq/Hkv query heads act as its queries (no repeated K/V; faster on CPU)
         o = F.scaled_dot_product_attention(q.view(n, k.shape[1], -1, attn.head_dim), k, v, attn_mask=bias,
                                            scale=attn.scaling)               # [n, Hkv, Hq/Hkv, D]
@@ -278,12 +216,9 @@ def decoder_layer(layer, x, cos, sin, k_cache, v_cache, start: int, bias):
     x = x + attn.o_proj(o.reshape(n, L, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
-
 def forward(model, x, cos, sin, k, v, start: int, bias, deepstack=()) -> torch.Tensor:
-    """All decoder layers on embeddings x [n, L, d] with rotary cos/sin [n, L, D] and the per-layer caches k, v
-    (lists of [n, Hkv, S, D]); logits of the last position, float32 [n, V], on x's device. `deepstack`
-    (prefill only): embed_prompts' DeepStack inputs, the i-th added after decoder layer i. A model whose layers
-    sit on several GPUs (loaded with device_map) works too: each layer's inputs move to its cache's device."""
+    """Float32 logits [n, V] of x's [n, L, d] last position, through all layers with rotary cos/sin [n, L, D],
+    caches k, v ([n, Hkv, S, D] per layer, on its device: device_map works) and `deepstack` (prefill only)."""
     lm, device = text_model(model), x.device
     for i, (layer, kc, vc) in enumerate(zip(lm.layers, k, v)):
         d = kc.device                                                         # (.to is a no-op on one device)
@@ -293,11 +228,7 @@ def forward(model, x, cos, sin, k, v, start: int, bias, deepstack=()) -> torch.T
     x = lm.norm(x[:, -1].to(lm.norm.weight.device))
     return model.lm_head(x.to(model.lm_head.weight.device)).float().to(device)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cache handling
-
-
+# ---- Cache handling ----------------------------------------------------------------------------------------
 def allocate_cache(model, n: int, length: int, dtype) -> tuple[list, list]:
     """Empty K and V caches, one [n, Hkv, length, D] per layer on that layer's device, filled in place."""
     lm = text_model(model)
@@ -306,36 +237,30 @@ def allocate_cache(model, n: int, length: int, dtype) -> tuple[list, list]:
     return ([torch.empty(shape, dtype=dtype, device=d) for d in devices],
             [torch.empty(shape, dtype=dtype, device=d) for d in devices])
 
-
 def share_prefill(k, v, num_samples: int, P: int):
-    """Copy the prompt's keys/values from sample 0 of each group (where the prefill wrote them) to samples 1..G-1."""
+    """Copy the prompt's keys/values from sample 0 of each group (the prefill's) to samples 1..G-1."""
     for c in k + v:
         g = c[:, :, :P].unflatten(0, (-1, num_samples))                        # [B, G, Hkv, P, D] (a view)
         g[:, 1:] = g[:, :1]
 
-
-# Dropping a row copies the whole cache, so ended rows are dropped together, once they are 1/DROP_EVERY of the
-# batch: an ended row left in the batch costs one row of forward per step, well under a copy of every row's cache.
-DROP_EVERY = 8
-
+DROP_EVERY = 8  # ended rows leave the batch together, once they are 1/DROP_EVERY of it (see generate)
 
 def drop_rows(keep, k, v, *rows):
     """Remove ended rows from the caches and from every per-row tensor (dim 0). Returns them in order."""
     return ([c[keep.to(c.device)] for c in k], [c[keep.to(c.device)] for c in v], *(r[keep] for r in rows))
 
-
 @contextmanager
 def unsharded(model):
-    """Keep an FSDP2 model's parameters unsharded for the whole block: one all-gather per module on entry, none
-    per token, resharded on exit. A no-op for a plain model."""
+    """FSDP2 model unsharded for the whole block: one all-gather per module, none per token; else a no-op."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     states = [m._get_fsdp_state() for m in mods]
-    saved = [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups]) for s in states]
+    saved = [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+             for s in states]
     if states:
-        states[0]._lazy_init()    # as the root's first forward would: else inner modules called alone act as roots
+        states[0]._lazy_init()  # as the root's first forward would (else inner modules act as roots)
     for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)                     # forwards inside must not reshard
+        m.set_reshard_after_forward(False, recurse=False)                   # forwards inside must not reshard
         m.unshard()
     try:
         yield model
@@ -346,15 +271,11 @@ def unsharded(model):
                 g.post_forward_mesh_info = info
             m.reshard()
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling (transformers' processors, same order: repetition penalty, temperature, top-k, top-p)
-
-
+# ---- Sampling (transformers' processors, same order: repetition penalty, temperature, top-k, top-p) --------
 def process_logits(logits, seen, *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, banned=()):
     """Processed float32 scores [n, V] from logits [n, V]; `seen` [n, V] marks prompt and generated tokens."""
     x = logits.float()
-    if repetition_penalty != 1.0:                                             # divide positive, multiply negative
+    if repetition_penalty != 1.0:                                         # divide positive, multiply negative
         x = torch.where(seen, torch.where(x < 0, x * repetition_penalty, x / repetition_penalty), x)
     if len(banned):
         x[:, list(banned)] = -float("inf")
@@ -362,19 +283,17 @@ def process_logits(logits, seen, *, temperature=1.0, top_k=0, top_p=1.0, repetit
         x = x / temperature
     if temperature > 0 and top_k > 0:                                         # keep the k largest (ties kept)
         x = x.masked_fill(x < x.topk(min(top_k, x.shape[-1])).values[:, -1:], -float("inf"))
-    if temperature > 0 and top_p < 1.0:                                       # drop the tail of mass <= 1 - top_p
+    if temperature > 0 and top_p < 1.0:                                   # drop the tail of mass <= 1 - top_p
         sorted_x, order = x.sort(-1)
         remove = sorted_x.softmax(-1).cumsum(-1) <= 1 - top_p
         remove[:, -1] = False                                                 # keep at least one token
         x = x.masked_fill(remove.scatter(1, order, remove), -float("inf"))
     return x
 
-
-def sample_next(logits, seen, *, temperature, top_k, top_p, repetition_penalty, banned, generator) -> torch.Tensor:
-    """Next token per row [n]: argmax when temperature == 0, else a draw from softmax(processed scores).
-    With top_k > 0, temperature, top-p and the draw run over the k best tokens after the penalty only: the same
-    distribution as process_logits' (temperature is monotone; other tokens get probability 0) without a sort or a
-    draw over V. A tie at the k-th place (top-k then keeps more than k) takes the full-vocabulary path."""
+def sample_next(logits, seen, *, temperature, top_k, top_p, repetition_penalty, banned, generator):
+    """Next token per row [n]: argmax when temperature == 0, else a draw from softmax(processed scores). With
+    top_k > 0, temperature, top-p and the draw run over the k best tokens only (the same distribution, no sort
+    over V); a tie at the k-th place (top-k then keeps more than k) takes the full-vocabulary path."""
     x = process_logits(logits, seen, repetition_penalty=repetition_penalty, banned=banned)  # [n, V]
     if temperature == 0:
         return x.argmax(-1)
@@ -387,22 +306,16 @@ def sample_next(logits, seen, *, temperature, top_k, top_p, repetition_penalty, 
     probs = process_logits(x, None, top_k=top_k, **knobs).softmax(-1)         # [n, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generation
-
-
+# ---- Generation --------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
     response_ids: torch.Tensor   # [B*G, T] long; row b*G + j is sample j of prompt b; pad after the end
     response_mask: torch.Tensor  # [B*G, T] bool; True up to and including the first EOS
 
-
 def eos_list(model, eos_token_id) -> list[int]:
     """The stop tokens: eos_token_id (int or list), or the model's generation_config when None."""
     eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
 
 @torch.no_grad()
 def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
@@ -417,11 +330,10 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     eos = torch.tensor(eos_list(model, eos_token_id), dtype=torch.long, device=device)
     was_training = model.training  # eval mode while sampling: no dropout, no gradient-checkpointing wrappers
     with unsharded(model.eval()):
-        # Prefill: each prompt once, written into sample 0 of its group, then shared with the other samples.
+        # 1. prefill each prompt once, into sample 0 of its group, under an additive bias: -inf on prompt pads
+        # (the decoding steps' too), causal, and every pad sees itself
         x, deepstack = embed_prompts(model, prompts)                          # [B, P, d]
         k, v = allocate_cache(model, n, P + max_new_tokens, x.dtype)
-        # Attention bias over the cache [n, P + max_new_tokens], additive: -inf on prompt pads, 0 elsewhere (a step
-        # reads only the columns written so far). The prefill's is causal on top of that; pads see themselves.
         bias = torch.zeros(n, P + max_new_tokens, dtype=x.dtype, device=device)
         bias[:, :P].masked_fill_(~prompts["attention_mask"].bool().repeat_interleave(G, 0), -float("inf"))
         causal = torch.full((P, P), -float("inf"), dtype=x.dtype, device=device).triu(1)
@@ -430,29 +342,30 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
         cos, sin = lm.rotary_emb(x, prompts["position_ids"])                  # [B, P, D]
         logits = forward(model, x, cos, sin, [c[::G] for c in k], [c[::G] for c in v], 0, prefill_bias,
                          deepstack)                                           # [B, V]
+        # 2. copy the prompt's cache to its G samples
         share_prefill(k, v, G, P)
         logits = logits.repeat_interleave(G, 0)                               # [n, V]
         seen = torch.zeros(n, logits.shape[-1], device=device)                # [n, V] prompt tokens, not pads
         seen = seen.scatter_add_(1, ids.repeat_interleave(G, 0), (bias[:, :P] == 0).float()) > 0
-        # Decoding positions are 1-D (t = h = w): their rotary cos/sin are rows of one table [positions, D].
         next_pos = prompts["next_position"].to(device).repeat_interleave(G)   # [n]
-        cos_table, sin_table = (c[0] for c in lm.rotary_emb(x, torch.arange(int(next_pos.max()) + max_new_tokens,
-                                                                            device=device)[None]))
+        table_pos = torch.arange(int(next_pos.max()) + max_new_tokens, device=device)[None]
+        cos_table, sin_table = (c[0] for c in lm.rotary_emb(x, table_pos))    # [positions, D]: 1-D from here
         rows = torch.arange(n, device=device)                                 # original row of each batch row
         done = torch.zeros(n, dtype=torch.bool, device=device)                # ended, still in the batch
         out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
-        # Decode: one token per row per step; ended rows leave the batch in groups of >= 1/DROP_EVERY of it.
         for t in range(max_new_tokens):
+            # 3. decode one token per row per step
             tok = sample_next(logits, seen, **knobs)                          # [m]
-            out[rows, t] = tok                                                # (masked to pad below once ended)
+            out[rows, t] = tok                                              # (masked to pad below once ended)
             lengths[rows] += ~done
             done |= torch.isin(tok, eos)
             if t == max_new_tokens - 1 or done.all():
                 break
+            # 4. drop finished rows, together: a drop copies the cache, a finished row costs one row a step
             if int(done.sum()) * DROP_EVERY >= len(done):
-                k, v, rows, tok, seen, bias, next_pos, done = drop_rows(~done, k, v, rows, tok, seen, bias, next_pos,
-                                                                        done)
+                k, v, rows, tok, seen, bias, next_pos, done = drop_rows(~done, k, v, rows, tok, seen, bias,
+                                                                        next_pos, done)
             seen.scatter_(1, tok[:, None], True)
             pos = next_pos + t                                                # [m]
             x = lm.embed_tokens(tok)[:, None]                                 # [m, 1, d]
@@ -463,31 +376,32 @@ def generate(model, prompts: dict, *, max_new_tokens: int, num_samples: int = 1,
     mask = torch.arange(T, device=device) < lengths[:, None]                 # [n, T]
     return Rollout(out[:, :T].masked_fill(~mask, pad_token_id), mask)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Teacher-forced log-probs
-
-
+# ---- Teacher-forced log-probs ------------------------------------------------------------------------------
 def packed_mask(segment: torch.Tensor) -> torch.Tensor:
-    """Attention inside packed rows [prompt | response 1 | ... | response k | padding], given each position's
-    segment [B, L]: 0 = a real prompt token, j = a token of response j, -1 = padding (the prompt's left padding
-    too). A position sees the earlier prompt tokens and the earlier tokens of its own response, never another
-    response; a padding position sees only itself (no empty softmax row). True = may attend. [B, 1, L, L]"""
+    """Attention [B, 1, L, L] (True = may attend) inside packed rows [prompt | response 1 | ... | padding],
+    from each position's segment [B, L]: 0 a prompt token, j a token of response j, -1 padding. A position
+    sees the earlier prompt tokens and its own response's, never another response; a pad sees only itself.
+    For example, packed_mask(torch.tensor([[-1, 0, 0, 1, 1, 2]]))[0, 0].long() is
+
+        tensor([[1, 0, 0, 0, 0, 0],        # the pad: only itself
+                [0, 1, 0, 0, 0, 0],        # the prompt: causal
+                [0, 1, 1, 0, 0, 0],
+                [0, 1, 1, 1, 0, 0],        # response 1: the prompt and itself
+                [0, 1, 1, 1, 1, 0],
+                [0, 1, 1, 0, 0, 1]])       # response 2: the prompt and itself, not response 1
+    """
     L = segment.shape[1]
     pos = torch.arange(L, device=segment.device)
     q, k = segment[:, :, None], segment[:, None, :]                          # [B, L, 1], [B, 1, L]
     allowed = (pos[None, :] <= pos[:, None]) & ((k == q) | (k == 0)) & (k >= 0)  # [B, L, L]
     return (allowed | torch.eye(L, dtype=torch.bool, device=segment.device))[:, None]
 
-
 def response_logprobs(model, prompts: dict, response_ids, response_mask, temperature: float = 1.0,
                       return_entropy: bool = False):
-    """log pi(token) [N, T] of each response token under softmax(logits / temperature), teacher-forced through the
-    model's own forward with the same position ids as `generate`; 0 where the mask is False. `prompts` has N rows,
-    or N/k (prompt-major: response n belongs to prompt n // k): then, as in `generate`, the prompt (its image
-    included) runs once: it and its k responses form one packed row under `packed_mask`, so each layer runs once
-    (FSDP2 and activation checkpointing see an ordinary forward). With return_entropy, also the exact entropy of
-    each position's distribution [N, T]. Differentiable: wrap in torch.no_grad() yourself when not training."""
+    """log pi(token) [N, T] under softmax(logits / temperature), teacher-forced through the model's own
+    forward with `generate`'s positions; 0 where the mask is False. `prompts` has N rows, or N/k (response n
+    belongs to prompt n // k): then each prompt runs once, packed with its k responses (`packed_mask`). With
+    return_entropy, also each position's exact entropy [N, T]. Differentiable (no torch.no_grad() inside)."""
     N, T = response_ids.shape
     B = prompts["input_ids"].shape[0]
     assert N % B == 0, f"{N} responses for {B} prompts: need N or N/k prompt rows"
@@ -501,36 +415,36 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
                        **vision_inputs(prompts)).logits[:, :-1]               # [N, T, V]
     else:  # a packed row per prompt: the prompt once, then its k responses' tokens, no padding between them
         P, dev = prompts["input_ids"].shape[1], response_ids.device
+        steps = torch.arange(T, device=dev)                                     # [T]
         length = response_mask.sum(1)                                           # [N]
-        assert (response_mask == (torch.arange(T, device=dev) < length[:, None])).all(), "masks must be prefixes"
+        assert (response_mask == (steps < length[:, None])).all(), "masks must be prefixes"
         per_row = length.view(B, k)                                             # [B, k]
-        start = (per_row.cumsum(1) - per_row).view(N)                           # [N] offset of a response in its row
+        start = (per_row.cumsum(1) - per_row).view(N)                           # [N] offset in the packed row
         L = P + int(per_row.sum(1).max())
         row, t = response_mask.nonzero(as_tuple=True)                           # the real response tokens
         b, col = row // k, P + start[row] + t                                    # their packed row and column
         ids = prompts["input_ids"].new_zeros(B, L)                               # [B, L]
         ids[:, :P], ids[b, col] = prompts["input_ids"], response_ids[row, t]
         segment = torch.full((B, L), -1, device=dev)                            # [B, L]
-        segment[:, :P] = prompts["attention_mask"].long() - 1                    # 0 real prompt token, -1 padding
+        segment[:, :P] = prompts["attention_mask"].long() - 1                    # 0 prompt token, -1 padding
         segment[b, col] = row % k + 1
         packed_pos = pos.new_zeros(*pos.shape[:-1], L)                           # [(3,) B, L]
         packed_pos[..., :P], packed_pos[..., b, col] = pos, resp_pos[..., b, t]
-        out = model(input_ids=ids, attention_mask=packed_mask(segment), position_ids=packed_pos, use_cache=False,
-                    logits_to_keep=L - P + 1, **vision_inputs(prompts)).logits  # [B, L-P+1, V], from position P-1
-        # a response's token 0 is predicted at the prompt's last position (index 0), its token t > 0 at the packed
-        # position before it (index start + t)
-        at = (start[:, None] + torch.arange(T, device=dev)).clamp(max=L - P)    # [N, T]
+        out = model(input_ids=ids, attention_mask=packed_mask(segment), position_ids=packed_pos,
+                    use_cache=False, logits_to_keep=L - P + 1,
+                    **vision_inputs(prompts)).logits                            # [B, L-P+1, V] from P-1 on
+        # token 0 is predicted at the prompt's last position (index 0), token t > 0 at index start + t
+        at = (start[:, None] + steps).clamp(max=L - P)                          # [N, T]
         at[:, 0] = 0
         logits = out[torch.arange(N, device=dev)[:, None] // k, at]             # [N, T, V]
-    # One support for sampling and scoring: the tokens `generate` never draws (placeholder_ids) get -inf here too,
-    # so no update can move probability onto them. Top-k, top-p and the repetition penalty are not applied: the
-    # log-probs are those of the untruncated distribution at `temperature`, as usual in RL for LLMs (truncation
-    # changes with the context and would make pi_theta / pi_old compare different supports token by token).
+    # The sampler's support (no placeholder_ids), so no update moves probability onto them; no top-k, top-p or
+    # penalty: truncation changes with the context, and pi_theta / pi_old would compare different supports.
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     banned[placeholder_ids(model)] = True                                       # [V]
     logp = (logits.float() / temperature).masked_fill(banned, -float("inf")).log_softmax(-1)  # [N, T, V]
-    token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~response_mask, 0.0)  # [N, T]
+    token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1)           # [N, T]
+    token_logp = token_logp.masked_fill(~response_mask, 0.0)
     if not return_entropy:
         return token_logp
-    entropy = -(logp.exp() * logp.masked_fill(banned, 0.0)).sum(-1).masked_fill(~response_mask, 0.0)  # [N, T]
-    return token_logp, entropy
+    entropy = -(logp.exp() * logp.masked_fill(banned, 0.0)).sum(-1)             # [N, T]
+    return token_logp, entropy.masked_fill(~response_mask, 0.0)

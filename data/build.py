@@ -2,15 +2,14 @@
 
     python -m data.build --out data/embedded --seed 0
 
-Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question);
-`sft` carries the SFT target in `response`: GENERAL questions (describe the scene, the colour or shape at a
-place, is a colour present), the general instruction data of the paper's SFT stage. A description is always a
-plain list; the other answers are bare or, for a share SFT_TEACHER_STYLE, in a teacher's style (general SFT
-data is largely written by large models, so the paper's students start near their teachers' form). `train`,
-`val` and `test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice),
-which the SFT data never asks; `val` and `test` carry no responses. The test split
-holds only scenes that no other split contains. Written to a temporary folder and renamed at the end,
-so a half-built dataset is never picked up.
+Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question); `sft`
+carries the SFT target in `response`: GENERAL questions (describe the scene, the colour or shape at a place,
+is a colour present), the general instruction data of the paper's SFT stage. A description is always a plain
+list; the other answers are bare or, for a share SFT_TEACHER_STYLE, in a teacher's style (general SFT data is
+largely written by large models, so the paper's students start near their teachers' form). `train`, `val` and
+`test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice), which the
+SFT data never asks; `val` and `test` carry no responses. The test split holds only scenes that no other split
+contains. Written to a temporary folder and renamed at the end, so a half-built dataset is never picked up.
 """
 from __future__ import annotations
 
@@ -27,8 +26,8 @@ from data.dataset import blind_guesses, chance_levels
 from data.scenes import GENERAL_TYPES, TASK_TYPES, ask, balanced_task, draw, random_scene
 from data.teachers import TEACHERS, plain_response, styled_response, teacher_response
 
-SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}  # questions per split (one scene each); a test
-# accuracy of 1,000 questions has a 95% interval of about +-0.03
+# Questions per split (one scene each); a test accuracy of 1,000 questions has a 95% interval of about +-0.03.
+SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 SFT_TASK_SHARE = 0.0     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
 
@@ -51,9 +50,11 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
         exclude.add(scene.signature())
         rid = f"{split}-{len(rows):05d}"
         draw(scene).save(out / "images" / f"{rid}.png")
-        row = {"id": rid, "image": f"images/{rid}.png", "question": q.text, "answer": q.answer, "kind": q.kind}
+        row = {"id": rid, "image": f"images/{rid}.png", "question": q.text, "answer": q.answer,
+               "kind": q.kind}
         if split == "train":
-            row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)] for t in TEACHERS}
+            row["teachers"] = {t: [teacher_response(t, scene, q, rng) for _ in range(per_teacher)]
+                               for t in TEACHERS}
         if split == "sft":
             styled = q.kind in GENERAL_TYPES[1:] and rng.random() < SFT_TEACHER_STYLE
             teacher = rng.choice(list(TEACHERS)) if styled else None
@@ -70,10 +71,10 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     seen: set = set()
-    order = [s for s in sizes if s != "test"] + (["test"] if "test" in sizes else [])  # test last: disjoint scenes
+    order = [s for s in sizes if s != "test"] + (["test"] if "test" in sizes else [])  # test last: own scenes
     for split in order:
-        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, seen if split != "test" else set(seen),
-                           sft_task_share)
+        exclude = seen if split != "test" else set(seen)
+        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, exclude, sft_task_share)
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     meta = {"seed": seed, "sizes": sizes, "grid": grid, "per_teacher": per_teacher, "teachers": TEACHERS,
@@ -86,8 +87,8 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
 
 
 def baselines(folder: Path, splits: list[str]) -> dict:
-    """Chance and the blind baseline (data.dataset.blind_guesses: the training split's most common answer for the
-    question's text) per split and question kind, with the answers' counts, from the data alone."""
+    """Chance and the blind baseline (data.dataset.blind_guesses: the training split's most common answer for
+    the question's text) per split and question kind, with the answers' counts, from the data alone."""
     read = lambda split: [json.loads(line) for line in open(folder / f"{split}.jsonl", encoding="utf-8")]
     train, out = read("train"), {}
     for split in splits:
@@ -103,9 +104,10 @@ def baselines(folder: Path, splits: list[str]) -> dict:
 
 
 def build_missing(out: str | Path, student: str | Path, seed: int = 0) -> None:
-    """What the default run needs and cannot download: the dataset in `out` and the tiny student (its tokenizer
-    trained on this dataset's text) in `student`, each built only when missing."""
-    out, student = Path(out), Path(student)
+    """What the default run needs and cannot download: the dataset in `out` and the tiny student (its
+    tokenizer trained on this dataset's text) in `student`, each built only when missing."""
+    out = Path(out)
+    student = Path(student)
     if not (out / "test.jsonl").exists():  # build() renames a finished folder into place
         print(f"building the embedded dataset in {out} ...", flush=True)
         build(out, seed=seed)

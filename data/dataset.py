@@ -3,8 +3,8 @@
 One row per question:
     {"id": str, "image": path relative to the file or null, "question": str, "answer": str,
      "teachers": {"teacher-name": [response, ...], ...},   # optional (evaluation sets have none)
-     "students": {"student-name": [response, ...], ...},   # optional: the student's own cached samples, for the
-                                                           #   discriminator's pre-training (data/teacher_cache.py)
+     "students": {"student-name": [response, ...], ...},   # optional: the student's own cached samples,
+                                                           #   for D's pre-training (data/teacher_cache.py)
      "response": str,                                      # optional: the SFT target for this question
      "kind": str}                                          # optional: question type, for per-type metrics
 
@@ -114,7 +114,7 @@ def load_images(rows: list[dict]) -> list:
     return [load_image(r.get("image")) for r in rows]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Baselines from the data alone (no model): what any accuracy is measured against
 
 
@@ -143,7 +143,7 @@ def chance_levels(train_rows: list[dict], rows: list[dict]) -> list[float]:
     return [1 / len(answers.get(r.get("kind", "")) or every or {""}) for r in rows]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Batches and teacher slots
 
 @functools.lru_cache(maxsize=4)
@@ -153,8 +153,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def step_rows(items: list, step: int, per_step: int, seed: int, rank: int = 0, world: int = 1) -> list:
-    """Rank `rank`'s share (per_step // world items) of the `step`-th global batch of `per_step` items, read in
-    order from a seeded permutation per epoch: every item once per epoch, ranks disjoint within a step."""
+    """Rank `rank`'s share (per_step // world items) of the `step`-th global batch of `per_step` items, read
+    in order from a seeded permutation per epoch: every item once per epoch, ranks disjoint within a step."""
     n, start, share = len(items), step * per_step + rank * (per_step // world), per_step // world
     return [items[epoch_permutation(n, seed, pos // n)[pos % n]] for pos in range(start, start + share)]
 
@@ -171,6 +171,11 @@ def teacher_names(rows: list[dict], wanted: str = "") -> list[str]:
 
 def teacher_slots(row: dict, names: list[str], g: int, rng: random.Random) -> list[str]:
     """G cached teacher responses for one question: slot j goes to teacher j mod len(names) (round robin, so
-    two teachers and G = 4 give two each), each teacher's responses drawn without replacement while they last."""
+    two teachers and G = 4 give two each), each teacher's responses drawn without replacement while they
+    last."""
     pools = {t: rng.sample(row["teachers"][t], len(row["teachers"][t])) for t in names}
-    return [pools[names[j % len(names)]][(j // len(names)) % len(pools[names[j % len(names)]])] for j in range(g)]
+    slots = []
+    for j in range(g):
+        pool = pools[names[j % len(names)]]                                  # teacher j mod len(names)
+        slots.append(pool[(j // len(names)) % len(pool)])                     # its (j // len(names))-th draw
+    return slots

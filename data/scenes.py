@@ -82,10 +82,12 @@ def random_scene(rng: random.Random, grid: int = GRID, min_objects: int = 2, max
     """Objects in distinct cells with random colour, shape and size; the largest object is unique."""
     if grid != GRID:
         raise ValueError(f"the embedded task names places on a {GRID} x {GRID} grid, got grid={grid}")
-    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], rng.randint(min_objects, max_objects))
+    n_objects = rng.randint(min_objects, max_objects)
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], n_objects)
     radii = [rng.randint(6, 10) for _ in cells]
     radii[rng.randrange(len(cells))] = 13  # one clearly largest object (others are at most 10)
-    objects = tuple(Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), r, c, rad) for (r, c), rad in zip(cells, radii))
+    objects = tuple(Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), r, c, rad)
+                    for (r, c), rad in zip(cells, radii))
     return Scene(grid, objects)
 
 
@@ -96,7 +98,8 @@ def draw(scene: Scene) -> Image.Image:
     d = ImageDraw.Draw(img)
     for row in range(scene.grid):
         for col in range(scene.grid):
-            d.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1], fill=tint(row, col))
+            box = [col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1]
+            d.rectangle(box, fill=tint(row, col))
     for o in scene.objects:
         cx, cy, r = o.col * CELL + CELL // 2, o.row * CELL + CELL // 2, o.radius
         fill = COLORS[o.color]
@@ -177,7 +180,8 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
 # Each TASK kind's answer set: a balanced split draws the answer uniformly from it first (balanced_task).
 ANSWERS = {"count_color": ("0", "1", "2", "3"), "compare": ("yes", "no"), "largest_color": tuple(COLORS),
            "left_of": ("yes", "no"), "count_choice": tuple("ABCD")}
-CHOICE_START = (2, 3)  # a multiple-choice count lists (lo) lo .. (D) lo+3; with 2-6 objects every letter can be right
+# A multiple-choice count lists (lo) lo .. (D) lo+3; with 2-6 objects every letter can be right.
+CHOICE_START = (2, 3)
 
 
 def question_text(kind: str, args: tuple) -> str:
@@ -201,7 +205,8 @@ def question_text(kind: str, args: tuple) -> str:
 
 def ask(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
     """A random question about the scene (of `kind` if given, GENERAL kinds too) with its ground truth. The
-    answer follows from the scene, so its distribution is the scenes' (skewed); balanced_task draws it first."""
+    answer follows from the scene, so its distribution is the scenes' (skewed); balanced_task draws it
+    first."""
     kind = kind or rng.choice(TASK_TYPES)
     if kind == "describe":
         return Question(kind, rng.choice(DESCRIBE), describe(scene))

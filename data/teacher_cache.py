@@ -1,22 +1,26 @@
-"""Teacher caches from real VLM checkpoints: N sampled responses per question per teacher, written into a dataset.
+"""Teacher caches from real VLM checkpoints: N sampled responses per question per teacher, into a dataset.
 
     python -m data.teacher_cache --data rl.jsonl -n 16 \
         --teacher qwen72b=/ckpt/Qwen2.5-VL-72B-Instruct --teacher internvl78b=/ckpt/InternVL3-78B-hf
     python -m data.teacher_cache --data rl.jsonl -n 16 --field students --teacher sft=runs/sft/sft
 
-Every row of --data (the JSONL schema, data/dataset.py) gets `row["teachers"][name]` = N responses of each checkpoint,
-sampled by rollout.generate with the paper's settings (T = 1.0, top-p 0.95, top-k 50, repetition penalty 1.05), a
-batch of questions at a time, one checkpoint after the other (one model in memory at a time).
-- `--field students` writes the student's own samples into `row["students"][name]` instead: ril.py's discriminator
-  pre-training then takes them rather than sampling the student itself (the paper's N = 16 per question).
-- Resumable: each finished batch is one line appended to OUT.journal (flushed and fsynced; each line holds the full
-  response lists of its rows, so replaying it is idempotent); a rerun reads it and goes on with the rest, in the same
-  batches and with the same per-batch seeds as a run that was never interrupted. A half-written last line (a crash
-  mid-write) is dropped. Responses already in the rows count toward N; a teacher with N or more is left alone.
-- Atomic: OUT (default: --data itself) is written once at the end, to a temporary file moved over it with os.replace,
-  then the journal is removed. When OUT exists already, its rows are the starting point (a finished run is not redone).
+Every row of --data (the JSONL schema, data/dataset.py) gets `row["teachers"][name]` = N responses of each
+checkpoint, sampled by rollout.generate with the paper's settings (T = 1.0, top-p 0.95, top-k 50, repetition
+penalty 1.05), a batch of questions at a time, one checkpoint after the other (one model in memory at a time).
+- `--field students` writes the student's own samples into `row["students"][name]` instead: ril.py's
+  discriminator pre-training then takes them rather than sampling the student itself (the paper's N = 16 per
+  question).
+- Resumable: each finished batch is one line appended to OUT.journal (flushed and fsynced; each line holds the
+  full response lists of its rows, so replaying it is idempotent); a rerun reads it and goes on with the rest,
+  in the same batches and with the same per-batch seeds as a run that was never interrupted. A half-written
+  last line (a crash mid-write) is dropped. Responses already in the rows count toward N; a teacher with N or
+  more is left alone.
+- Atomic: OUT (default: --data itself) is written once at the end, to a temporary file moved over it with
+  os.replace, then the journal is removed. When OUT exists already, its rows are the starting point (a
+  finished run is not redone).
 - Several GPUs: a teacher is split over all visible GPUs layer by layer (device_map="auto"; needs `pip install
-  accelerate`). It must fit in their memory: CPU offload is refused (rollout.generate calls the layers directly).
+  accelerate`). It must fit in their memory: CPU offload is refused (rollout.generate calls the layers
+  directly).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ def read_journal(path: Path) -> list[dict]:
     if not path.exists():
         return []
     raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]                                        # everything up to the last newline
+    keep = raw[:raw.rfind(b"\n") + 1]                                  # everything up to the last newline
     if len(keep) != len(raw):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
@@ -53,19 +57,22 @@ def apply(rows: dict, record: dict) -> None:
     """Put one journal record (a batch: {field, name, responses: {id: [...]}}) into the rows, by id."""
     for rid, responses in record["responses"].items():
         if rid not in rows:
-            raise SystemExit(f"the journal holds id {rid!r}, which is not in the dataset: wrong --data, or delete it")
+            raise SystemExit(f"the journal holds id {rid!r}, which is not in the dataset: "
+                             "wrong --data, or delete it")
         rows[rid].setdefault(record["field"], {})[record["name"]] = responses
 
 
 def load_teacher(path: str, device: str):
-    """(model, tokenizer, image processor) through the Auto classes; bf16 on GPUs, split over them when several."""
+    """(model, tokenizer, image processor) through the Auto classes; bf16 on GPUs, split over them when
+    several."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     dtype = torch.bfloat16 if gpus else torch.float32
     if gpus > 1:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map="auto")
         if any(p.device.type in ("cpu", "meta") for p in model.parameters()):
-            raise SystemExit(f"{path} does not fit on the {gpus} visible GPUs (parts were offloaded to CPU or disk)")
+            raise SystemExit(f"{path} does not fit on the {gpus} visible GPUs "
+                             "(parts were offloaded to CPU or disk)")
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     return model.eval(), AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
@@ -73,8 +80,8 @@ def load_teacher(path: str, device: str):
 
 def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_tokens: int, seed: int,
                  knobs: dict) -> tuple[list[list[str]], int]:
-    """need[i] sampled responses for question i of the batch (max(need) drawn for each, the first need[i] kept),
-    and how many of the kept ones hit max_new_tokens before their end-of-sequence token."""
+    """need[i] sampled responses for question i of the batch (max(need) drawn for each, the first need[i]
+    kept), and how many of the kept ones hit max_new_tokens before their end-of-sequence token."""
     device = rollout.text_model(model).embed_tokens.weight.device
     prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch),
                                      family=model.config.model_type)
@@ -83,7 +90,8 @@ def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_t
     out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=G,
                            generator=torch.Generator(device).manual_seed(seed), **knobs)
     eos = torch.tensor(rollout.eos_list(model, None), device=device)
-    ids, mask = out.response_ids.cpu(), out.response_mask.cpu()               # [B*G, T]
+    ids = out.response_ids.cpu()                                              # [B*G, T]
+    mask = out.response_mask.cpu()                                            # [B*G, T]
     ended = torch.isin(out.response_ids, eos).any(1).cpu()                    # [B*G]
     texts, cut = [], 0
     for b, n in enumerate(need):
@@ -94,7 +102,8 @@ def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_t
 
 
 def fill(rows: dict, name: str, path: str, args, journal) -> dict:
-    """Top up `name`'s responses to N in every row, a batch at a time, journaling each batch. Returns counts."""
+    """Top up `name`'s responses to N in every row, a batch at a time, journaling each batch. Returns
+    counts."""
     todo = [r for r in rows.values() if len(r.get(args.field, {}).get(name, [])) < args.n]
     stats = {"questions": len(todo), "responses": 0, "truncated": 0, "empty": 0}
     if not todo:
@@ -106,10 +115,12 @@ def fill(rows: dict, name: str, path: str, args, journal) -> dict:
     for i in range(0, len(todo), args.batch_size):
         batch = todo[i:i + args.batch_size]
         have = [r.get(args.field, {}).get(name, []) for r in batch]
-        seed = zlib.crc32(f"{args.seed}:{args.field}:{name}:{batch[0]['id']}".encode())  # same batches, same seeds
+        key = f"{args.seed}:{args.field}:{name}:{batch[0]['id']}"
+        seed = zlib.crc32(key.encode())                                       # same batches, same seeds
         new, cut = sample_batch(model, tok, proc, batch, [args.n - len(h) for h in have], args.max_new_tokens,
                                 seed, knobs)
-        record = {"field": args.field, "name": name, "responses": {r["id"]: h + x for r, h, x in zip(batch, have, new)}}
+        responses = {r["id"]: h + x for r, h, x in zip(batch, have, new)}
+        record = {"field": args.field, "name": name, "responses": responses}
         journal.write(json.dumps(record) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -120,7 +131,7 @@ def fill(rows: dict, name: str, path: str, args, journal) -> dict:
         bar.update(len(batch))
     bar.close()
     del model
-    gc.collect()                                                             # free it before the next checkpoint
+    gc.collect()                                                         # free it before the next checkpoint
     return stats
 
 
@@ -142,9 +153,11 @@ def main(argv=None) -> dict:
     p.add_argument("--data", required=True, help="dataset in the JSONL schema")
     p.add_argument("--out", default=None, help="where to write it (default: --data, in place)")
     p.add_argument("--teacher", action="append", required=True, metavar="NAME=PATH",
-                   help="a checkpoint by path and the name its responses are stored under; repeat for several")
+                   help="a checkpoint by path and the name its responses are stored under; "
+                        "repeat for several")
     p.add_argument("--field", default="teachers", choices=("teachers", "students"),
-                   help="teachers: the teacher cache; students: the student's own samples for D's pre-training")
+                   help="teachers: the teacher cache; "
+                        "students: the student's own samples for D's pre-training")
     p.add_argument("-n", type=int, default=16, help="responses per question per checkpoint")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (x N sequences)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
@@ -154,14 +167,15 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     teachers = [t.split("=", 1) for t in args.teacher]
-    if any(len(t) != 2 or not t[0] or not t[1] for t in teachers) or len({n for n, _ in teachers}) != len(teachers):
+    malformed = any(len(t) != 2 or not t[0] or not t[1] for t in teachers)
+    if malformed or len({n for n, _ in teachers}) != len(teachers):
         raise SystemExit(f"--teacher takes NAME=PATH with distinct names, got {args.teacher}")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("-n and --batch-size must be >= 1")
     out = Path(args.out or args.data)
     rows = {r["id"]: r for r in load_jsonl(out if out.exists() else args.data)}
     journal_path = out.with_name(out.name + ".journal")
-    for record in read_journal(journal_path):                                # resume: what is done is not redone
+    for record in read_journal(journal_path):                            # resume: what is done is not redone
         apply(rows, record)
     t0, stats = time.time(), {}
     with open(journal_path, "a", encoding="utf-8") as journal:

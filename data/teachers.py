@@ -29,9 +29,11 @@ TEACHERS = {"methodical": 0.05, "reflective": 0.08}  # name -> error rate
 def _perturb(scene: Scene, rng: random.Random) -> Scene:
     """One misreading: an object missed or imagined, a colour or shape misread, or two places swapped."""
     objs = list(scene.objects)
-    i, j = rng.randrange(len(objs)), rng.randrange(len(objs))
+    i = rng.randrange(len(objs))
+    j = rng.randrange(len(objs))
     how = rng.choice(("drop", "add", "color", "shape", "swap"))
-    free = [(r, c) for r in range(scene.grid) for c in range(scene.grid) if all((o.row, o.col) != (r, c) for o in objs)]
+    taken = {(o.row, o.col) for o in objs}
+    free = [(r, c) for r in range(scene.grid) for c in range(scene.grid) if (r, c) not in taken]
     if how == "drop" and len(objs) > 1:
         objs.pop(i)
     elif how == "add" and free:
@@ -70,13 +72,15 @@ def _places(objs: list[Obj]) -> str:
 
 
 def _reasoning(scene: Scene, q: Question) -> str:
-    """The step from the objects to the answer: for every TASK question, and for the GENERAL ones that SFT rows
-    answer in a teacher's style (all but the description)."""
+    """The step from the objects to the answer: for every TASK question, and for the GENERAL ones that SFT
+    rows answer in a teacher's style (all but the description)."""
     ans = answer_for(scene, q.kind, q.args)
     if q.kind in ("count_color", "has_color"):
         found = of_color(scene, q.args[0])
         counted = f"The {q.args[0]} ones are {_places(found)}. That makes {len(found)}"
-        return f"{counted}." if q.kind == "count_color" else f"{counted}, so there is {'one' if found else 'none'}."
+        if q.kind == "count_color":
+            return f"{counted}."
+        return f"{counted}, so there is {'one' if found else 'none'}."
     if q.kind == "compare":
         (a, b), (na, nb) = q.args, (len(of_color(scene, c)) for c in q.args)
         rel = "more than" if na > nb else "not more than"
@@ -106,13 +110,16 @@ def methodical(scene: Scene, q: Question, rng: random.Random) -> str:
 
 
 def _relevant(scene: Scene, q: Question) -> tuple[str, list[Obj]]:
-    """What the reflective teacher looks at: a short description and the objects that matter, in reading order."""
+    """What the reflective teacher looks at: a short description and the objects that matter, in reading
+    order."""
     if q.kind == "count_color":
         return f"the {q.args[0]} objects", of_color(scene, q.args[0])
     if q.kind == "compare":
-        return f"the {q.args[0]} and {q.args[1]} objects", [o for o in reading_order(scene) if o.color in q.args]
+        objs = [o for o in reading_order(scene) if o.color in q.args]
+        return f"the {q.args[0]} and {q.args[1]} objects", objs
     if q.kind == "left_of":
-        return f"the {q.args[0]} and the {q.args[1]} object", [o for o in reading_order(scene) if o.color in q.args]
+        objs = [o for o in reading_order(scene) if o.color in q.args]
+        return f"the {q.args[0]} and the {q.args[1]} object", objs
     if q.kind == "largest_color":
         return "the biggest shape", [largest(scene)]
     if q.kind in ("color_at", "shape_at"):
@@ -127,7 +134,8 @@ def reflective(scene: Scene, q: Question, rng: random.Random, slip: Scene | None
     what, objs = _relevant(scene, q)
     ans = answer_for(scene, q.kind, q.args)
     seen = describe(scene, objs)
-    out = [rng.choice(("I need", "The question is about", "Focus on")) + f" {what}.", f"In the picture: {seen}."]
+    out = [rng.choice(("I need", "The question is about", "Focus on")) + f" {what}.",
+           f"In the picture: {seen}."]
     if slip is not None:  # a first-pass slip, caught by re-checking
         out = [out[0], f"At first glance the answer looks like {answer_for(slip, q.kind, q.args)}.",
                rng.choice(("Wait, let me count again.", "Hmm, let me check again.", "Wait, let me verify.")),
@@ -152,7 +160,8 @@ def teacher_response(name: str, scene: Scene, q: Question, rng: random.Random) -
 
 
 def styled_response(name: str, scene: Scene, q: Question, rng: random.Random) -> str:
-    """Teacher `name`'s style with no misperception: SFT rows written by a large model, for GENERAL questions."""
+    """Teacher `name`'s style with no misperception: SFT rows written by a large model, for GENERAL
+    questions."""
     return methodical(scene, q, rng) if name == "methodical" else reflective(scene, q, rng)
 
 

@@ -34,22 +34,28 @@ CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: "
     "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # The size of the tiny student, chosen by measuring a training step on two cores (see README).
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-              temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], out_hidden_size=128)
+VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+              out_hidden_size=128)
 
 
 def corpus(data_dir: Path) -> list[str]:
@@ -69,9 +75,10 @@ def corpus(data_dir: Path) -> list[str]:
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024, special: list[str] = SPECIAL,
                     chat_template: str = CHAT_TEMPLATE, named: dict | None = None) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template. Another Qwen2-based
-    family passes its own `special` tokens (appended in order), `chat_template`, and `named` special tokens that
-    its processor reads as tokenizer attributes (InternVL: {"context_image_token": "<IMG_CONTEXT>", ...})."""
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, special tokens and chat template. Another
+    Qwen2-based family passes its own `special` tokens (appended in order), `chat_template`, and `named`
+    special tokens that its processor reads as tokenizer attributes (InternVL: {"context_image_token":
+    "<IMG_CONTEXT>", ...})."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -93,8 +100,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, special: list[str]
 
 def build_model(tok: Qwen2Tokenizer, seed: int = 0, text: dict = TEXT, vision: dict = VISION,
                 config_class=Qwen2_5_VLConfig, model_class=Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL (or another Qwen-VL class) from the tiny config, random weights from `seed`, the special tokens'
-    ids from `tok`."""
+    """Qwen2.5-VL (or another Qwen-VL class) from the tiny config, random weights from `seed`, the special
+    tokens' ids from `tok`."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     config = config_class(
         text_config=dict(text, vocab_size=len(tok), bos_token_id=None, eos_token_id=ids["<|im_end|>"],

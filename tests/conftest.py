@@ -20,7 +20,8 @@ def embedded(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_student(embedded, tmp_path_factory):
-    """Path of the tiny Qwen2.5-VL student saved with save_pretrained (tokenizer and image processor included)."""
+    """Path of the tiny Qwen2.5-VL student saved with save_pretrained (tokenizer and image processor
+    included)."""
     return build_tiny_student(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-student", seed=0)
 
 
@@ -44,14 +45,15 @@ def tiny_qwen3vl(embedded, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_qwen3vl_moe(embedded, tmp_path_factory):
-    """Path of a tiny Qwen3-VL-MoE checkpoint (4 experts, 2 per token), a teacher (tests/tiny_checkpoints.py)."""
+    """Path of a tiny Qwen3-VL-MoE checkpoint (4 experts, 2 per token), a teacher
+    (tests/tiny_checkpoints.py)."""
     return build_tiny_qwen3vl(embedded, tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl-moe", moe=True)
 
 
 @pytest.fixture(scope="module")
 def batch(embedded):
-    """Four questions of different lengths: three images of different sizes (Qwen2.5-VL and Qwen3-VL: 9, 8 and 6
-    image tokens; InternVL: 5, 3 and 3 tiles), one text-only."""
+    """Four questions of different lengths: three images of different sizes (Qwen2.5-VL and Qwen3-VL: 9, 8
+    and 6 image tokens; InternVL: 5, 3 and 3 tiles), one text-only."""
     rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:4]
     images = [Image.open(embedded / r["image"]).convert("RGB") for r in rows]
     images = [images[0], images[1].resize((112, 56)), None, images[3].resize((56, 84))]

@@ -10,15 +10,16 @@ import torch
 
 from data.build import SFT_TEACHER_STYLE, SPLITS, build
 from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
-from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe, draw,
-                         question_text, random_scene)
+from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
+                         draw, question_text, random_scene)
 from data.teachers import TEACHERS, plain_response, teacher_response
 from tests.conftest import SMALL
 
 
 def test_generator_is_deterministic(tmp_path):
     sizes = {"train": 20, "test": 10}
-    a, b = build(tmp_path / "a", seed=3, sizes=sizes), build(tmp_path / "b", seed=3, sizes=sizes)
+    a = build(tmp_path / "a", seed=3, sizes=sizes)
+    b = build(tmp_path / "b", seed=3, sizes=sizes)
     c = build(tmp_path / "c", seed=4, sizes=sizes)
     for split in sizes:
         assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
@@ -37,7 +38,8 @@ def test_every_generated_row_loads(embedded):
             assert Path(row["image"]).is_absolute() and load_image(row["image"]).size == (84, 84)
             assert ("teachers" in row) == (split == "train") and ("response" in row) == (split == "sft")
             if split == "train":
-                assert set(row["teachers"]) == set(TEACHERS) and all(len(v) == 4 for v in row["teachers"].values())
+                assert set(row["teachers"]) == set(TEACHERS)
+                assert all(len(v) == 4 for v in row["teachers"].values())
 
 
 def test_test_split_scenes_are_new(embedded):
@@ -95,9 +97,9 @@ def test_teachers_write_different_styles_and_reflect():
 
 
 def test_sft_data_is_general_and_teachers_describe_in_its_words(embedded):
-    """The SFT split asks only GENERAL questions (descriptions plain, other answers plain or in a teacher's style,
-    always right); the RL and test splits only TASK questions; a correct methodical teacher's listing is the SFT
-    description of the same scene, word for word."""
+    """The SFT split asks only GENERAL questions (descriptions plain, other answers plain or in a teacher's
+    style, always right); the RL and test splits only TASK questions; a correct methodical teacher's listing
+    is the SFT description of the same scene, word for word."""
     sft, train, test = (load_jsonl(embedded / f"{s}.jsonl") for s in ("sft", "train", "test"))
     assert {r["kind"] for r in sft} == set(GENERAL_TYPES)
     assert {r["kind"] for r in train} <= set(TASK_TYPES) and {r["kind"] for r in test} <= set(TASK_TYPES)
@@ -211,14 +213,15 @@ def test_tiny_student_round_trip_and_forward(tiny_student, embedded):
     mm = (enc.input_ids == model.config.image_token_id).int()
     with torch.no_grad():
         out = model(**enc, **img, mm_token_type_ids=mm)
-        again = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()(**enc, **img, mm_token_type_ids=mm)
+        reloaded = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()
+        again = reloaded(**enc, **img, mm_token_type_ids=mm)
     assert out.logits.shape == (1, enc.input_ids.shape[1], len(tok)) and torch.isfinite(out.logits).all()
     torch.testing.assert_close(out.logits, again.logits)
 
 
 def test_task_answers_are_balanced_within_each_kind():
-    """balanced_task draws the answer first: over 4,000 questions each kind's answers are uniform over its answer
-    set (every share within 4 points of 1/|set|), and so are the answers to one fixed question text."""
+    """balanced_task draws the answer first: over 4,000 questions each kind's answers are uniform over its
+    answer set (every share within 4 points of 1/|set|), and so are the answers to one fixed question text."""
     rng = random.Random(5)
     drawn = [balanced_task(rng)[1] for _ in range(4000)]
     for kind in TASK_TYPES:
@@ -240,7 +243,7 @@ def test_blind_baseline_is_near_chance_in_every_split(embedded):
     for split, kinds in meta.items():
         assert kinds["all"]["n"] == SMALL[split] and set(kinds) == {"all", *TASK_TYPES}
         assert abs(kinds["all"]["blind"] - kinds["all"]["chance"]) < 0.2, (split, kinds["all"])
-    assert SPLITS["test"] >= 1000 and SPLITS["val"] >= 500  # the default run's: a 95% interval of about +-0.03
+    assert SPLITS["test"] >= 1000 and SPLITS["val"] >= 500  # the default run's: a 95% interval of ~+-0.03
 
 
 def test_sft_task_share_adds_plain_task_answers(tmp_path):

@@ -1,4 +1,5 @@
-"""discriminator.py: built from the student, its prompt, Eq. 1, the update, and pre-training on the embedded task."""
+"""discriminator.py: built from the student, its prompt, Eq. 1, the update, and pre-training on the embedded
+task."""
 import copy
 import json
 import math
@@ -45,17 +46,19 @@ def test_initial_weights_equal_the_students(tiny_student, disc0):
 
 
 def test_discriminator_loss_by_hand():
-    ls, lt = torch.tensor([2.0, -1.0]), torch.tensor([0.5])
+    ls = torch.tensor([2.0, -1.0])
+    lt = torch.tensor([0.5])
     sig = lambda x: 1 / (1 + math.exp(-x))
     # Eq. 1: -(mean_i log D(o_i^s) + mean_j log(1 - D(o_j^t))) / 2, label 1 = student, 0 = teacher
     hand = -0.5 * ((math.log(sig(2.0)) + math.log(sig(-1.0))) / 2 + math.log(1 - sig(0.5)))
     assert discriminator_loss(ls, lt).item() == pytest.approx(hand, rel=1e-6)
     # numerically stable from logits: confident and right ~ 0, confident and wrong ~ |logit| / 2, never inf
-    assert discriminator_loss(torch.tensor([200.0]), torch.tensor([-200.0])).item() == pytest.approx(0.0, abs=1e-6)
+    sure = discriminator_loss(torch.tensor([200.0]), torch.tensor([-200.0]))
+    assert sure.item() == pytest.approx(0.0, abs=1e-6)
     assert discriminator_loss(torch.tensor([-200.0]), torch.tensor([-200.0])).item() == pytest.approx(100.0)
     ls = torch.tensor([0.3, -0.2], requires_grad=True)
     discriminator_loss(ls, torch.tensor([0.0])).backward()
-    assert torch.allclose(ls.grad, 0.5 * (torch.sigmoid(ls.detach()) - 1) / 2)  # d/dl of -log sigmoid(l), halved
+    assert torch.allclose(ls.grad, 0.5 * (torch.sigmoid(ls.detach()) - 1) / 2)  # d/dl -log sigmoid(l), halved
 
 
 def test_prompt_and_left_truncation(tok, caplog):
@@ -73,7 +76,8 @@ def test_prompt_and_left_truncation(tok, caplog):
     assert (mask[:, -1] == 1).all() and not mask[0, 0]  # left padded
     assert tok.decode(ids[1]).endswith(r"\boxed{7}.</response><|im_end|>" + "\n<|im_start|>assistant\n")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert (ids[3][mask[3].bool()] == im_end).sum() == (ids[0][mask[0].bool()] == im_end).sum()  # not injected
+    n_im_end = (ids[0][mask[0].bool()] == im_end).sum()
+    assert (ids[3][mask[3].bool()] == im_end).sum() == n_im_end  # not injected
     with pytest.raises(ValueError, match="no room"):
         encode_for_discriminator(tok, ["x"], max_len=len(before) + len(after))
 
@@ -102,7 +106,8 @@ def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_threa
     for enc, checkpointing in ((plain, False), (shared, False), (shared, True)):
         d = _with_random_head(disc0)
         if checkpointing:
-            d.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            d.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
             d.train()
         logits = d(**enc)  # [3]
         (logits * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
@@ -120,7 +125,7 @@ def test_save_and_load_roundtrip(tok, disc0, tmp_path):
     d2 = Discriminator.from_pretrained(tmp_path / "disc")
     enc, _ = encode_for_discriminator(tok, ["The answer is \\boxed{3}.", "Focus on the red objects."], 256)
     assert torch.allclose(d(**enc), d2(**enc), atol=1e-6)
-    d3 = Discriminator.from_pretrained(tmp_path / "disc")  # also a valid starting point for from_student-like use
+    d3 = Discriminator.from_pretrained(tmp_path / "disc")  # also a starting point for from_student-like use
     assert len(d3.backbone.layers) == len(d.backbone.layers)
 
 
@@ -138,14 +143,17 @@ def test_from_a_text_only_checkpoint(tok, tmp_path):
 
 
 def test_update_micro_batches_give_the_full_batch_step(tok, disc0, one_thread):
-    s, t = ["So the answer is \\boxed{2}.", "Step 1: the objects."], ["Final answer: \\boxed{2}", "I need it.", "Wait."]
-    a, b = _with_random_head(disc0), _with_random_head(disc0)
+    s = ["So the answer is \\boxed{2}.", "Step 1: the objects."]
+    t = ["Final answer: \\boxed{2}", "I need it.", "Wait."]
+    a = _with_random_head(disc0)
+    b = _with_random_head(disc0)
     sa = update(a, torch.optim.SGD(a.parameters(), lr=0.1), tok, s, t, 256, max_grad_norm=None)
-    sb = update(b, torch.optim.SGD(b.parameters(), lr=0.1), tok, s, t, 256, max_grad_norm=None, micro_batch_size=2)
+    sb = update(b, torch.optim.SGD(b.parameters(), lr=0.1), tok, s, t, 256, max_grad_norm=None,
+                micro_batch_size=2)
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and sa["skipped"] == 0
     assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-4)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=n)  # fp32 sums in another order, x lr 0.1
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=n)  # fp32 sums reordered, times lr 0.1
     d0 = _with_random_head(disc0)
     enc, _ = encode_for_discriminator(tok, s + t, 256)
     assert sa["loss"] == pytest.approx(discriminator_loss(d0(**enc)[:2], d0(**enc)[2:]).item(), rel=1e-5)
@@ -233,8 +241,9 @@ def test_update_under_fsdp2_matches_one_process(tiny_student, tok, tmp_path, one
     script.write_text(FSDP_SCRIPT)
     out = tmp_path / "disc"
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tiny_student), str(out), json.dumps(S), json.dumps(T)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), str(tiny_student), str(out), json.dumps(S),
+                           json.dumps(T)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out / "result.json"))
@@ -246,4 +255,5 @@ def test_update_under_fsdp2_matches_one_process(tiny_student, tok, tmp_path, one
     for k in ("loss", "accuracy", "p_student", "p_teacher", "grad_norm"):
         assert result["stats"][k] == pytest.approx(stats[k], rel=1e-4, abs=1e-6), k
     assert result["p"] == pytest.approx(p_student(d, tok, S + T, 256).tolist(), abs=1e-5)
-    assert p_student(Discriminator.from_pretrained(out), tok, S + T, 256).tolist() == pytest.approx(result["p"], abs=1e-5)
+    p = p_student(Discriminator.from_pretrained(out), tok, S + T, 256)
+    assert p.tolist() == pytest.approx(result["p"], abs=1e-5)

@@ -24,7 +24,8 @@ from evaluate import evaluate_model, is_reflective, pass_at_k, reflection_metric
     ("Wait, let me count again.", True), ("wait", True), ("WAIT!", True), ("(wait)", True),
     ("I await the result.", False), ("I am waiting.", False), ("awaited", False), ("wait-and-see", False),
     ("Let me re-check.", True), ("Let me recheck it.", True), ("a pre-check", False), ("rechecking", False),
-    ("Hmm, let me check again.", True), ("check\nagain", True), ("Check  Again", True), ("check it again", False),
+    ("Hmm, let me check again.", True), ("check\nagain", True), ("Check  Again", True),
+    ("check it again", False),
     ("Let me double-check.", True), ("Let me verify.", True), ("verified", False), ("not yet", True),
     ("yesterday", False), ("The answer is \\boxed{2}.", False), ("", False),
 ])
@@ -50,7 +51,8 @@ def test_reflection_metrics_hand_counted():
 
 
 def test_reflection_metrics_zero_denominators_give_zero():
-    assert reflection_metrics([], []) == dict.fromkeys(reflection_metrics([], []), 0.0) and len(reflection_metrics([], [])) == 5
+    empty = reflection_metrics([], [])
+    assert empty == dict.fromkeys(empty, 0.0) and len(empty) == 5
     # all correct, none reflective: N - N+ = 0 and N_ref = 0
     m = reflection_metrics(["\\boxed{1}", "\\boxed{2}"], [1.0, 1.0])
     assert m == {"reflection_ratio": 0.0, "reflection_ratio_correct": 0.0, "reflection_ratio_incorrect": 0.0,
@@ -100,9 +102,10 @@ def test_evaluate_model_bookkeeping(monkeypatch):
         assert images == [None] * len(questions) and family == "qwen2_5_vl"  # the model's config.model_type
         return {"input_ids": torch.zeros(len(questions), 4, dtype=torch.long), "questions": questions}
 
-    def generate(model, prompts, *, max_new_tokens, num_samples, temperature, top_p, top_k, eos_token_id, generator):
+    def generate(model, prompts, *, max_new_tokens, num_samples, temperature, top_p, top_k, eos_token_id,
+                 generator):
         seen.append((len(prompts["questions"]), num_samples, temperature))
-        ids = torch.tensor([s for q in prompts["questions"] for s in script[q][:num_samples]])  # [B*num_samples, 2]
+        ids = torch.tensor([s for q in prompts["questions"] for s in script[q][:num_samples]])  # [B*G, 2]
         return SimpleNamespace(response_ids=ids, response_mask=ids > 0)
 
     monkeypatch.setattr(rollout, "encode_prompts", encode_prompts, raising=False)
@@ -112,12 +115,14 @@ def test_evaluate_model_bookkeeping(monkeypatch):
     r = evaluate_model(model, WordTokenizer(), None, rows, temperature=1.0, num_samples=3, batch_size=2)
     assert seen == [(2, 3, 1.0), (1, 3, 1.0)] and model.training
     assert r["correct"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    assert r["correct"] == [rewards.answer_reward(t, a) for t, a in zip(r["responses"], ["2"] * 3 + ["3"] * 3 + ["5"] * 3)]
+    truths = ["2"] * 3 + ["3"] * 3 + ["5"] * 3
+    assert r["correct"] == [rewards.answer_reward(t, a) for t, a in zip(r["responses"], truths)]
     assert r["accuracy"] == pytest.approx(3 / 9)
     assert r["pass@3"] == pytest.approx(2 / 3)
     assert r["answer_rate"] == pytest.approx(6 / 9)  # "no answer here" x3 has no final answer
     assert r["lengths"] == [2, 1, 1, 1, 1, 2, 2, 1, 1]
-    assert r["length_mean"] == pytest.approx(12 / 9) and r["length_std"] == pytest.approx(np.std(r["lengths"]))
+    assert r["length_mean"] == pytest.approx(12 / 9)
+    assert r["length_std"] == pytest.approx(np.std(r["lengths"]))
     assert r["reflection_ratio"] == pytest.approx(2 / 9) and r["accuracy_reflective"] == pytest.approx(1 / 2)
 
 
@@ -138,8 +143,8 @@ def write_run(path, name, algo, seed, acc_before, acc_after, offset, kl=True, ju
     path.joinpath("summary.json").write_text(json.dumps({"val": split, "test": split, "config": config}))
     with open(path / "metrics.jsonl", "w") as f:
         for step in range(20):
-            row = {"step": step, "reward/answer": 0.4 + 0.01 * step + offset, "reward/similarity": 0.2 + offset,
-                   "response/length": 30 + step}
+            row = {"step": step, "reward/answer": 0.4 + 0.01 * step + offset,
+                   "reward/similarity": 0.2 + offset, "response/length": 30 + step}
             if kl:
                 row["policy/kl"] = 0.001 * step
             if step % 5 == 4:
@@ -152,7 +157,8 @@ def write_run(path, name, algo, seed, acc_before, acc_after, offset, kl=True, ju
 
 def table_rows(text):
     """{first cell: [cells]} of a printed markdown table."""
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
     header = rows[0]
     return {r[0]: dict(zip(header, r)) for r in rows[2:]}
 
@@ -163,7 +169,8 @@ def test_compare_and_plot(tmp_path, capsys, kl, size):
     write_run(tmp_path / "ril-s1", "ril-s1", "ril", 1, 0.5, 0.7, 0.1, kl)
     write_run(tmp_path / "drgrpo-s0", "drgrpo-s0", "drgrpo", 0, 0.4, 0.55, 0.05, kl, junk=True)
     png = tmp_path / "curves.png"
-    evaluate.main(["--compare", *(str(tmp_path / r) for r in ("ril-s0", "drgrpo-s0", "ril-s1")), "--plot", str(png)])
+    runs = [str(tmp_path / r) for r in ("ril-s0", "drgrpo-s0", "ril-s1")]
+    evaluate.main(["--compare", *runs, "--plot", str(png)])
     out, err = capsys.readouterr()
     assert "skipped 1 unreadable line" in err
     rows = table_rows(out)
@@ -172,20 +179,25 @@ def test_compare_and_plot(tmp_path, capsys, kl, size):
     sd = statistics.stdev([0.4, 0.5])  # the same spread for before, after and max eval accuracy
     assert ril["seeds"] == "2" and dr["seeds"] == "1"
     assert ril["test start"] == f"0.450 ± {sd:.3f}" and ril["test final"] == f"0.650 ± {sd:.3f}"
-    assert dr["test start"] == "0.400" and dr["test final"] == "0.550" and ril["val final"] == ril["test final"]
-    assert ril["test final - ril"] == "–" and dr["test final - ril"].startswith("-0.100 [")  # 0.55 - (0.6 + 0.7) / 2
+    assert dr["test start"] == "0.400" and dr["test final"] == "0.550"
+    assert ril["val final"] == ril["test final"]
+    assert ril["test final - ril"] == "–"
+    assert dr["test final - ril"].startswith("-0.100 [")  # 0.55 - (0.6 + 0.7) / 2
     assert "Test split: n=20, chance 0.250, blind baseline 0.300." in out
     best = [a + (b - a) * 19 / 19 for a, b in ((0.4, 0.6), (0.5, 0.7))]  # eval at step 19 is the best
     assert ril["max eval/accuracy"] == f"{statistics.fmean(best):.3f} ± {statistics.stdev(best):.3f}"
     final = [statistics.fmean(0.4 + 0.01 * s + o for s in range(10, 20)) for o in (0.0, 0.1)]  # last 10 steps
     assert ril["final reward/answer"] == f"{statistics.fmean(final):.3f} ± {statistics.stdev(final):.3f}"
-    assert ril["final policy/kl"] == (f"{statistics.fmean(0.001 * s for s in range(10, 20)):.3f} ± 0.000" if kl else "–")
-    assert dr["final reward/similarity"] == "0.250" and dr["final reward/answer"] == ril["final reward/answer"].split()[0]
+    kl_mean = statistics.fmean(0.001 * s for s in range(10, 20))
+    assert ril["final policy/kl"] == (f"{kl_mean:.3f} ± 0.000" if kl else "–")
+    assert dr["final reward/similarity"] == "0.250"
+    assert dr["final reward/answer"] == ril["final reward/answer"].split()[0]
 
     img = Image.open(png)
-    assert img.format == "PNG" and img.size == size  # 3 or 2 panels per row, 2 rows (missing KL panel skipped)
+    assert img.format == "PNG" and img.size == size  # 3 or 2 panels per row, 2 rows (no KL panel: skipped)
     pixels = np.asarray(img.convert("RGB"))
-    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank: lines and a band
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert pixels.std() > 10 and len(colours) > 50  # not blank: lines and a band
 
 
 # -----------------------------------------------------------------------------
@@ -199,15 +211,16 @@ needs_rollout = pytest.mark.skipif(not (hasattr(rollout, "encode_prompts") and h
 def test_evaluate_model_on_tiny_student(tiny_student, embedded):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     model = AutoModelForImageTextToText.from_pretrained(tiny_student)
-    tokenizer, processor = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    processor = AutoImageProcessor.from_pretrained(tiny_student)
     rows = load_jsonl(embedded / "test.jsonl")[:3]
     greedy = evaluate_model(model, tokenizer, processor, rows, max_new_tokens=6, batch_size=2)
     assert len(greedy["responses"]) == 3 and all(0 <= n <= 6 for n in greedy["lengths"])
     answers = [r["answer"] for r in rows]
     assert greedy["accuracy"] == pytest.approx(statistics.fmean(
         rewards.answer_reward(t, a) for t, a in zip(greedy["responses"], answers)))
-    sampled = evaluate_model(model, tokenizer, processor, rows, temperature=1.0, num_samples=2, max_new_tokens=6,
-                             batch_size=2, generator=torch.Generator().manual_seed(0))
+    sampled = evaluate_model(model, tokenizer, processor, rows, temperature=1.0, num_samples=2,
+                             max_new_tokens=6, batch_size=2, generator=torch.Generator().manual_seed(0))
     assert len(sampled["responses"]) == 6 and 0.0 <= sampled["accuracy"] <= sampled["pass@2"] <= 1.0
 
 
@@ -242,17 +255,19 @@ def test_wilson_interval_against_known_values():
 
 
 def test_blind_baseline_and_chance_equal_a_hand_count():
-    """Blind: the training split's most common answer for the same text, else for the kind. Chance: one over the
-    kind's distinct training answers."""
+    """Blind: the training split's most common answer for the same text, else for the kind. Chance: one over
+    the kind's distinct training answers."""
     row = lambda q, a, kind: {"question": q, "answer": a, "kind": kind}
-    train = [row("How many red?", "1", "count"), row("How many red?", "1", "count"), row("How many red?", "2", "count"),
-             row("How many blue?", "0", "count"), row("How many blue?", "3", "count"), row("How many blue?", "3", "count"),
+    train = [row("How many red?", "1", "count"), row("How many red?", "1", "count"),
+             row("How many red?", "2", "count"),
+             row("How many blue?", "0", "count"), row("How many blue?", "3", "count"),
+             row("How many blue?", "3", "count"),
              row("Red left of blue?", "yes", "left"), row("Red left of blue?", "no", "left"),
              row("Green left of red?", "no", "left")]
     rows = [row("How many red?", "1", "count"),       # guess 1: right
             row("How many red?", "2", "count"),       # guess 1: wrong
             row("How many blue?", "3", "count"),      # guess 3: right
-            row("How many green?", "3", "count"),     # new text: the kind's most common, 1 (3 times) or 3 (2): wrong
+            row("How many green?", "3", "count"),     # new text: the kind's most common, 1 (3 times): wrong
             row("Green left of red?", "yes", "left"),  # guess no: wrong
             row("Blue left of green?", "no", "left")]  # new text: the kind's most common, no: right
     assert blind_guesses(train, rows) == ["1", "1", "3", "1", "no", "no"]
@@ -260,26 +275,28 @@ def test_blind_baseline_and_chance_equal_a_hand_count():
     r = evaluate.accuracy_report([1, 1, 0, 0, 1, 1], rows, train)
     assert r["n"] == 6 and r["accuracy"] == pytest.approx(4 / 6) and r["blind"] == pytest.approx(3 / 6)
     assert r["chance"] == pytest.approx((4 / 4 + 2 / 2) / 6) and r["ci95"] == evaluate.wilson_interval(4, 6)
-    assert r["per_kind"]["count"] == {"n": 4, "accuracy": 0.5, "ci95": evaluate.wilson_interval(2, 4), "chance": 0.25,
-                                      "blind": 0.5, "blind_ci95": evaluate.wilson_interval(2, 4)}
+    assert r["per_kind"]["count"] == {"n": 4, "accuracy": 0.5, "ci95": evaluate.wilson_interval(2, 4),
+                                      "chance": 0.25, "blind": 0.5,
+                                      "blind_ci95": evaluate.wilson_interval(2, 4)}
     assert r["per_kind"]["left"]["blind"] == 0.5 and r["correct"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     assert "0.667 [" in evaluate.format_report(r) and "blind 0.500" in evaluate.format_report(r)
 
 
 def test_paired_bootstrap_tells_a_real_difference_from_noise():
-    """Synthetic runs on 1,000 questions: b is a with 100 more right answers (significant); c differs from a on 30
-    questions, 15 each way (not significant). Several seeds resample too."""
+    """Synthetic runs on 1,000 questions: b is a with 100 more right answers (significant); c differs from a
+    on 30 questions, 15 each way (not significant). Several seeds resample too."""
     rng = np.random.default_rng(0)
     a = (rng.random(1000) < 0.5).astype(float)
     b = a.copy()
     b[np.flatnonzero(a == 0)[:100]] = 1.0
     diff, lo, hi = evaluate.paired_bootstrap([b], [a], n_boot=2000)
-    assert diff == pytest.approx(0.1) and 0.07 < lo < 0.1 < hi < 0.13            # paired: far tighter than +-0.044
+    assert diff == pytest.approx(0.1) and 0.07 < lo < 0.1 < hi < 0.13  # paired: far tighter than +-0.044
     assert "not significant" not in evaluate.format_difference(diff, lo, hi)
     c = a.copy()
     c[np.flatnonzero(a == 0)[:15]] = 1.0
     c[np.flatnonzero(a == 1)[:15]] = 0.0
     diff, lo, hi = evaluate.paired_bootstrap([c, a], [a, a, a], n_boot=2000)
-    assert diff == 0.0 and lo < 0 < hi and evaluate.format_difference(diff, lo, hi).endswith("not significant")
+    assert diff == 0.0 and lo < 0 < hi
+    assert evaluate.format_difference(diff, lo, hi).endswith("not significant")
     with pytest.raises(ValueError):
         evaluate.paired_bootstrap([[1, 0]], [[1, 0, 1]])

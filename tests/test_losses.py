@@ -41,7 +41,8 @@ def ref_loss(logp, old, ref, adv, mask, eps, beta, agg, norm_len):
                 d = ref[i, t] - logp[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
             s, n = s + term, n + 1
-        per_seq_sum.append(s), per_seq_n.append(n)
+        per_seq_sum.append(s)
+        per_seq_n.append(n)
         tok_sum, tok_n = tok_sum + s, tok_n + n
     if agg == "token-mean":
         return tok_sum / tok_n
@@ -63,15 +64,19 @@ def test_policy_loss_matches_reference(agg, beta):
     mask[:, 0] = True
     mask[2, 3:] = False
     logp0 = torch.where(mask, logp0, 0.0)  # what response_logprobs gives: 0 where masked
-    a, b = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
-    loss, stats = policy_loss(a, old, ref if beta else None, adv, mask, clip_eps=0.2, beta=beta, agg=agg, norm_len=9)
+    a = logp0.clone().requires_grad_()
+    b = logp0.clone().requires_grad_()
+    loss, stats = policy_loss(a, old, ref if beta else None, adv, mask, clip_eps=0.2, beta=beta, agg=agg,
+                              norm_len=9)
     want = ref_loss(b, old, ref, adv, mask, 0.2, beta, agg, 9)
     torch.testing.assert_close(loss, want)
-    loss.backward(), want.backward()
+    loss.backward()
+    want.backward()
     torch.testing.assert_close(a.grad, b.grad)
     assert torch.all(a.grad[~mask] == 0)  # masked tokens get no gradient
     r = torch.exp(logp0 - old)[mask]
-    assert stats["ratio_min"] == pytest.approx(r.min().item()) and stats["ratio_max"] == pytest.approx(r.max().item())
+    assert stats["ratio_min"] == pytest.approx(r.min().item())
+    assert stats["ratio_max"] == pytest.approx(r.max().item())
     assert 0 < stats["clip_frac"] < 1
 
 

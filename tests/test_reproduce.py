@@ -1,4 +1,5 @@
-"""reproduce.py: the commands it builds, and a 2 x 2 grid on the tiny student end to end (table, curves, resume)."""
+"""reproduce.py: the commands it builds, and a 2 x 2 grid on the tiny student end to end (table, curves,
+resume)."""
 import re
 
 import numpy as np
@@ -23,27 +24,32 @@ def test_dry_run_commands(tmp_path, capsys):
         assert reproduce.flag_value(args, "--beta") == "0"  # the configuration's flag wins over a common one
         assert reproduce.flag_value(args, "--steps") == "7" and reproduce.flag_value(args, "--stage") == "rl"
         assert reproduce.flag_value(args, "--lr") is None  # ril.py's own lr
-        assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}" and reproduce.flag_value(args, "--seed") == str(seed)
+        assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}"
+        assert reproduce.flag_value(args, "--seed") == str(seed)
         assert ("--resume" in args) == (seed == 1)
     reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "1", "--out", str(tmp_path),
                     "--lr", "3e-5"])
     args = capsys.readouterr().out.split()
-    assert args[1].endswith("ril.py") and reproduce.flag_value(args, "--lr") == "3e-5"  # plain python; --lr wins
+    assert args[1].endswith("ril.py")  # plain python
+    assert reproduce.flag_value(args, "--lr") == "3e-5"  # the last --lr wins
     assert reproduce.flag_value(args, "--steps") is None  # no --steps: ril.py's own
 
 
 def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, capsys):
-    """Single-teacher configurations get a discriminator pre-trained on that teacher only; both-teacher ones share
-    one; the baselines need none."""
+    """Single-teacher configurations get a discriminator pre-trained on that teacher only; both-teacher ones
+    share one; the baselines need none."""
     reproduce.main(["--dry-run", "--only", "grpo,ril-methodical,ril-both,frozen-disc", "--seeds", "0",
                     "--out", str(tmp_path), "--", "--student", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     prep = [line.split() for line in lines if "--stage disc" in " ".join(line.split())]
-    assert [(reproduce.flag_value(a, "--teachers"), reproduce.flag_value(a, "--discriminator")) for a in prep] == \
-        [("methodical", str(tmp_path / "shared" / "discriminator-methodical")),
-         (None, str(tmp_path / "shared" / "discriminator"))]
-    runs = {reproduce.flag_value(a, "--name"): a for a in (line.split() for line in lines if "--stage rl" in line)}
-    assert reproduce.flag_value(runs["ril-methodical-s0"], "--discriminator").endswith("discriminator-methodical")
+    built = [(reproduce.flag_value(a, "--teachers"), reproduce.flag_value(a, "--discriminator"))
+             for a in prep]
+    assert built == [("methodical", str(tmp_path / "shared" / "discriminator-methodical")),
+                     (None, str(tmp_path / "shared" / "discriminator"))]
+    rl = [line.split() for line in lines if "--stage rl" in line]
+    runs = {reproduce.flag_value(a, "--name"): a for a in rl}
+    disc = reproduce.flag_value(runs["ril-methodical-s0"], "--discriminator")
+    assert disc.endswith("discriminator-methodical")
     assert reproduce.flag_value(runs["ril-both-s0"], "--discriminator").endswith("shared/discriminator")
     assert reproduce.flag_value(runs["frozen-disc-s0"], "--discriminator").endswith("shared/discriminator")
     assert reproduce.flag_value(runs["grpo-s0"], "--discriminator") is None
@@ -66,7 +72,8 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     argv = ["--only", "grpo,ril-both", "--seeds", "0,1", "--steps", "1", "--nproc", "1", "--parallel", "2",
             "--out", str(out), "--eval-limit", "4", "--",
             "--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
-            "--eval-data", str(embedded / "val.jsonl"), "--test-data", str(embedded / "test.jsonl"), "--batch-size", "2", "--group-size", "2",
+            "--eval-data", str(embedded / "val.jsonl"), "--test-data", str(embedded / "test.jsonl"),
+            "--batch-size", "2", "--group-size", "2",
             "--max-new-tokens", "16", "--max-disc-len", "64", "--micro-batch", "8", "--sample-every", "0",
             "--save-every", "0", "--disc-steps", "1", "--disc-questions", "4", "--disc-samples", "1",
             "--disc-batch-size", "4"]
@@ -81,7 +88,8 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert table.strip() in printed
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
-    assert sorted(r.split("|")[1].strip() for r in rows) == ["grpo", "ril-both"]  # the seeds of a configuration together
+    # the seeds of a configuration together, one row each
+    assert sorted(r.split("|")[1].strip() for r in rows) == ["grpo", "ril-both"]
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[1] == "2" and re.fullmatch(r"\S+ ± \S+", cells[2])  # 2 seeds, test start as mean ± std

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import rewards
-from rewards import (answer_reward, combine_rewards, extract_answer, judge_prompt, judge_rewards, parse_judge_score,
-                     rule_rewards, similarity_reward)
+from rewards import (answer_reward, combine_rewards, extract_answer, judge_prompt, judge_rewards,
+                     parse_judge_score, rule_rewards, similarity_reward)
 
 # (response, ground truth, expected reward) -- every rule of answer_reward, one row per case.
 CASES = [
@@ -61,11 +61,11 @@ CASES = [
     (r"\boxed{b}", "B", 1.0),
     (r"\boxed{C}", "B", 0.0),
     (r"\boxed{(C) B}", "B", 0.0),
-    (r"\boxed{A red circle}", "A", 0.0),                                          # a word, not an option letter
+    (r"\boxed{A red circle}", "A", 0.0),                                          # a word, not a letter
     # adversarial but well-formed
     (r"\boxed{\boxed{5}}", "5", 1.0),
-    ("}}}} \\boxed{4} {{{{", "4", 1.0),                                           # stray braces around a closed box
-    ("\\boxed{4} then \\boxed{5", "4", 1.0),                                      # an unclosed last box falls back
+    ("}}}} \\boxed{4} {{{{", "4", 1.0),                                           # stray braces around a box
+    ("\\boxed{4} then \\boxed{5", "4", 1.0),                                      # unclosed last: falls back
     (r"<answer>9", "9", 0.0),                                                     # unclosed tag, no fallback
 ]
 
@@ -219,7 +219,8 @@ def tiny_judge(tiny_student, tmp_path_factory):
 
 
 def test_judge_rewards_end_to_end(tiny_judge):
-    """Real rollout.generate over a tiny random judge: garbage verdicts score 0 and are counted, no exception."""
+    """Real rollout.generate over a tiny random judge: garbage verdicts score 0 and are counted, no
+    exception."""
     import rollout
     if not (hasattr(rollout, "encode_prompts") and hasattr(rollout, "generate")):
         pytest.skip("rollout.encode_prompts / rollout.generate are not written yet")
@@ -227,7 +228,8 @@ def test_judge_rewards_end_to_end(tiny_judge):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_judge).eval()
     tok = AutoTokenizer.from_pretrained(tiny_judge)
-    qs = ["How many red objects are there?", "What color is the largest object?", "Is the red circle left of it?"]
+    qs = ["How many red objects are there?", "What color is the largest object?",
+          "Is the red circle left of it?"]
     scores, stats = judge_rewards(model, tok, qs, ["2", "blue", "yes"], [r"\boxed{2}", r"\boxed{red}", "no"],
                                   max_new_tokens=12, batch_size=2)
     assert scores.shape == (3,) and set(scores.tolist()) <= {0.0, 1.0}
@@ -246,7 +248,8 @@ def test_similarity_reward():
 
 
 def test_combine_rewards():
-    r_sim, r_ans = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    r_sim = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    r_ans = torch.tensor([1.0, 1.0, 0.0, 0.0])
     R, parts = combine_rewards(r_sim, r_ans)
     assert R.tolist() == [2.0, 1.0, 1.0, 0.0] and parts["r_sim"] is r_sim and parts["r_ans"] is r_ans
     R, _ = combine_rewards(r_sim, r_ans, w_sim=0.5, w_ans=2.0)

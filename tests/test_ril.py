@@ -67,7 +67,8 @@ def small_run(tiny_student, embedded, tmp_path_factory):
 
 def test_two_processes_equal_one(small_run):
     common, out = small_run
-    args = common + ["--stage", "rl", "--steps", 2, "--save-every", 0, "--temperature", 0,  # greedy: same work
+    args = common + ["--stage", "rl", "--steps", 2, "--save-every", 0,
+                     "--temperature", 0,                                  # greedy: the same work
                      "--vision-lr-scale", 0.1]
     run(args + ["--name", "one"], nproc=1)
     run(args + ["--name", "two"], nproc=2)
@@ -96,15 +97,16 @@ def test_resume_equals_straight_run(small_run):
 
 def test_gradient_checkpointing_gives_the_same_update(small_run):
     common, out = small_run
-    assert distributed.load_pretrained(str(common[1]), torch.device("cpu"), checkpointing=True)[0].is_activation_checkpointing
+    loaded = distributed.load_pretrained(str(common[1]), torch.device("cpu"), checkpointing=True)[0]
+    assert loaded.is_activation_checkpointing
     args = common + ["--stage", "rl", "--steps", 1, "--save-every", 0, "--temperature", 0]
     run(args + ["--name", "stored"])
     run(args + ["--name", "recomputed", "--grad-checkpointing"])
     a, b = (weights(out / n / "checkpoints" / "step-1" / "student") for n in ("stored", "recomputed"))
     assert any(not torch.equal(a[k], weights(common[1])[k]) for k in a)
     for k in a:  # checkpointing runs one prompt row per response (HF drops the cache): sums in another order,
-        # and Adam's first step (size lr = 1e-3 on every element) turns float noise in a near-zero gradient into
-        # ~1e-6: 1% of a step still catches any real difference
+        # and Adam's first step (size lr = 1e-3 on every element) turns float noise in a near-zero gradient
+        # into ~1e-6: 1% of a step still catches any real difference
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
@@ -154,24 +156,28 @@ def test_sft_visits_every_row_once_per_epoch(tiny_student, embedded, tmp_path, m
     seen, encode = [], rollout.encode_prompts
     monkeypatch.setattr(rollout, "encode_prompts", lambda tok, proc, qs, *a, **kw: seen.extend(qs) or encode(
         tok, proc, qs, *a, **kw))
-    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"), "--stage",
-                            "sft", "--sft-steps", "25", "--sft-batch-size", "8", "--sft-micro-batch", "3"])
+    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"),
+                            "--stage", "sft", "--sft-steps", "25", "--sft-batch-size", "8",
+                            "--sft-micro-batch", "3"])
     ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
     rows = [json.loads(line) for line in open(embedded / "sft.jsonl")]
     assert sorted(seen) == sorted(r["question"] for r in rows)
 
 
 def test_saved_student_generates_like_the_sampler(tiny_student, embedded, tmp_path, batch, one_thread):
-    """A student saved by ril.py carries a generation_config.json that makes plain `from_pretrained` + `generate`
-    behave like rollout.generate: placeholders suppressed, EOS and pad set, the run's sampling settings and
-    response cap. Greedy transformers output (nothing passed but do_sample=False) equals rollout's greedy output."""
+    """A student saved by ril.py carries a generation_config.json that makes plain `from_pretrained` +
+    `generate` behave like rollout.generate: placeholders suppressed, EOS and pad set, the run's sampling
+    settings and response cap. Greedy transformers output (nothing passed but do_sample=False) equals
+    rollout's greedy output."""
     import rollout
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"), "--stage",
-                            "sft", "--sft-steps", "2", "--sft-batch-size", "4", "--max-new-tokens", "16"])
+    cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"),
+                            "--stage", "sft", "--sft-steps", "2", "--sft-batch-size", "4",
+                            "--max-new-tokens", "16"])
     ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sft").eval()
-    tok, ip = AutoTokenizer.from_pretrained(tmp_path / "sft"), AutoImageProcessor.from_pretrained(tmp_path / "sft")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sft")
+    ip = AutoImageProcessor.from_pretrained(tmp_path / "sft")
     gc = model.generation_config
     assert gc.suppress_tokens == rollout.placeholder_ids(model) and len(gc.suppress_tokens) == 2
     assert gc.pad_token_id == tok.pad_token_id and tok.convert_tokens_to_ids("<|im_end|>") in gc.eos_token_id
@@ -187,14 +193,16 @@ def test_saved_student_generates_like_the_sampler(tiny_student, embedded, tmp_pa
         assert torch.equal(row[:n], hf[:n]) and (hf[n:] == gc.pad_token_id).all(), (row, hf)
 
 
-def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, batch, one_thread, monkeypatch):
+def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, batch, one_thread,
+                                                                   monkeypatch):
     """Eq. 2 with every sample's advantage strongly negative pushes down what was sampled. Scored over the
-    sampler's support, the placeholders (which it never draws) get no gradient: the LM head's rows for them stay
-    bit for bit. Scored over the whole vocabulary
-    (placeholder_ids patched to nothing), the same steps move those rows: the test can tell the two apart."""
+    sampler's support, the placeholders (which it never draws) get no gradient: the LM head's rows for them
+    stay bit for bit. Scored over the whole vocabulary (placeholder_ids patched to nothing), the same steps
+    move those rows: the test can tell the two apart."""
     import rollout
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ip = AutoImageProcessor.from_pretrained(tiny_student)
     banned = None
 
     def steps():
@@ -202,11 +210,13 @@ def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, 
         nonlocal banned
         banned = rollout.placeholder_ids(model) or [model.config.image_token_id, model.config.video_token_id]
         p = rollout.encode_prompts(tok, ip, *batch)
-        out = rollout.generate(model, p, max_new_tokens=8, num_samples=2, generator=torch.Generator().manual_seed(0))
+        out = rollout.generate(model, p, max_new_tokens=8, num_samples=2,
+                               generator=torch.Generator().manual_seed(0))
         before = model.lm_head.weight[banned].detach().clone()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         for _ in range(3):
-            logp, ent = rollout.response_logprobs(model, p, out.response_ids, out.response_mask, return_entropy=True)
+            logp, ent = rollout.response_logprobs(model, p, out.response_ids, out.response_mask,
+                                                  return_entropy=True)
             adv = torch.full((logp.shape[0],), -5.0)
             loss, _ = ril.policy_loss(logp, logp.detach(), None, adv, out.response_mask, beta=0.0)
             loss.backward()
@@ -223,12 +233,14 @@ def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, 
 
 
 def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
-    """A discriminator records the student and teachers it was pre-trained on; another student (a new SFT run)
-    or other teachers are caught, and a given --discriminator that does not fit stops the run with the reason."""
+    """A discriminator records the student and teachers it was pre-trained on; another student (a new SFT
+    run) or other teachers are caught, and a given --discriminator that does not fit stops the run with the
+    reason."""
     common, out = small_run
     disc = common[common.index("--discriminator") + 1]
     origin = json.loads((Path(disc) / ril.ORIGIN).read_text())
-    assert origin == {"student": distributed.fingerprint(str(tiny_student)), "teachers": ["methodical", "reflective"]}
+    assert origin == {"student": distributed.fingerprint(str(tiny_student)),
+                      "teachers": ["methodical", "reflective"]}
     assert ril.disc_mismatch(disc, str(tiny_student), ["reflective", "methodical"]) is None
     assert "teachers" in ril.disc_mismatch(disc, str(tiny_student), ["methodical"])
     new_sft = tmp_path / "new-sft"  # the same files with one weight changed: another student
@@ -247,8 +259,8 @@ def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
 
 def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embedded, tmp_path, monkeypatch,
                                                              one_thread):
-    """--teachers methodical: the discriminator is pre-trained on that teacher's cached responses only (all 4 per
-    question) and records it."""
+    """--teachers methodical: the discriminator is pre-trained on that teacher's cached responses only (all 4
+    per question) and records it."""
     import discriminator
     seen = {}
 
@@ -256,8 +268,9 @@ def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embed
         seen["teacher"] = teacher_texts
         return {"steps": 0, "seconds": 0.0, "accuracy": 0.0}
     monkeypatch.setattr(discriminator, "pretrain", fake_pretrain)
-    cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"), "--teachers",
-                            "methodical", "--disc-questions", "6", "--disc-samples", "1", "--max-new-tokens", "8"])
+    cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
+                            "--teachers", "methodical", "--disc-questions", "6", "--disc-samples", "1",
+                            "--max-new-tokens", "8"])
     ril.pretrain_discriminator(cfg, str(tiny_student), tmp_path / "disc", torch.device("cpu"), rank=0)
     assert len(seen["teacher"]) == 6 * 4 and all(t.startswith(("Let me look", "First I list", "Step 1"))
                                                  for t in seen["teacher"])  # the methodical teacher's openers

@@ -1,11 +1,13 @@
-"""rollout.py against transformers: greedy decoding, teacher-forced log-probs, sampling knobs, masks, helpers."""
+"""rollout.py against transformers: greedy decoding, teacher-forced log-probs, sampling knobs, masks,
+helpers."""
 import copy
 import inspect
 
 import pytest
 import torch
-from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLForConditionalGeneration, RepetitionPenaltyLogitsProcessor,
+from transformers import (AutoImageProcessor, AutoTokenizer, LogitsProcessorList,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                          RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import rollout as R
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def student(tiny_student):
-    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ip = AutoImageProcessor.from_pretrained(tiny_student)
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_student).eval(), tok, ip
 
 
@@ -24,16 +27,19 @@ def student(tiny_student):
 def qwen2vl(tiny_qwen2vl):
     """A second architecture and size: Qwen2-VL, 2 layers, 96 wide, 3 heads / 1 KV head, other mRoPE sections
     (tests/tiny_checkpoints.py)."""
-    tok, ip = AutoTokenizer.from_pretrained(tiny_qwen2vl), AutoImageProcessor.from_pretrained(tiny_qwen2vl)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2vl)
+    ip = AutoImageProcessor.from_pretrained(tiny_qwen2vl)
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl).eval(), tok, ip
 
 
 def hf_generate(model, prompts, **kw):
-    """transformers' generate on the same tensors (Qwen: with mm_token_type_ids, so it uses real 3-D positions)."""
+    """transformers' generate on the same tensors (Qwen: with mm_token_type_ids, so it uses real 3-D
+    positions)."""
     mm = ({"mm_token_type_ids": prompts["mm_token_type_ids"]}
           if "mm_token_type_ids" in inspect.signature(model.forward).parameters else {})
-    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], pad_token_id=0,
-                         suppress_tokens=R.placeholder_ids(model), **mm, **R.vision_inputs(prompts), **kw)
+    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                         pad_token_id=0, suppress_tokens=R.placeholder_ids(model), **mm,
+                         **R.vision_inputs(prompts), **kw)
     return out[:, prompts["input_ids"].shape[1]:]
 
 
@@ -52,7 +58,7 @@ def check_greedy_equals_transformers(model, tok, ip, batch):
     """Greedy `generate` = transformers' greedy `generate`, token for token, with and without a repetition
     penalty, with rows that end early at an EOS."""
     p = R.encode_prompts(tok, ip, *batch, system="Answer briefly.")
-    for kw in (dict(), dict(repetition_penalty=1.3)):  # the penalty makes random-weight greedy output less repetitive
+    for kw in (dict(), dict(repetition_penalty=1.3)):  # the penalty: random-weight greedy repeats itself less
         free = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=[], **kw)
         eos = int(free.response_ids[0, 4])                       # a token row 0 emits: rows end early
         ours = R.generate(model, p, max_new_tokens=12, temperature=0, eos_token_id=eos, **kw)
@@ -71,12 +77,13 @@ def test_response_logprobs_match_unpadded_forward(which, request, batch):
     model, tok, ip = request.getfixturevalue(which)
     p = R.encode_prompts(tok, ip, *batch)
     g = torch.Generator().manual_seed(0)
-    out = R.generate(model, p, max_new_tokens=10, num_samples=2, top_k=50, top_p=0.95, repetition_penalty=1.05,
-                     temperature=1.0, generator=g, eos_token_id=[])
+    out = R.generate(model, p, max_new_tokens=10, num_samples=2, top_k=50, top_p=0.95,
+                     repetition_penalty=1.05, temperature=1.0, generator=g, eos_token_id=[])
     mask = out.response_mask.clone()
     mask[1, 6:] = False                                          # a shorter response, right-padded
     ids = out.response_ids.masked_fill(~mask, 0)
-    logp, ent = R.response_logprobs(model, p, ids, mask, temperature=0.7, return_entropy=True)  # N/k prompt rows
+    # N/k prompt rows
+    logp, ent = R.response_logprobs(model, p, ids, mask, temperature=0.7, return_entropy=True)
     expanded = R.select_prompts(p, torch.arange(8) // 2)        # N prompt rows: no shared prefix
     torch.testing.assert_close(logp, R.response_logprobs(model, expanded, ids, mask, 0.7), atol=1e-5, rtol=0)
     for n in range(8):
@@ -85,16 +92,17 @@ def test_response_logprobs_match_unpadded_forward(which, request, batch):
         seq = torch.cat([p["input_ids"][b, keep], ids[n, :L]])[None]
         one = R.select_prompts(p, [b])
         vision = {k: one[k] for k in ("pixel_values", "image_grid_thw") if k in one}
-        logits = model(input_ids=seq, mm_token_type_ids=(seq == model.config.image_token_id).long(), **vision).logits
+        mm = (seq == model.config.image_token_id).long()
+        logits = model(input_ids=seq, mm_token_type_ids=mm, **vision).logits
         scores = logits[0, -L - 1:-1].float() / 0.7                # [L, V]
-        scores[:, R.placeholder_ids(model)] = -float("inf")         # what the sampler never draws is not scored
+        scores[:, R.placeholder_ids(model)] = -float("inf")         # not scored: the sampler never draws it
         ref = scores.log_softmax(-1)
         torch.testing.assert_close(logp[n, :L], ref.gather(-1, ids[n, :L, None])[:, 0], atol=1e-4, rtol=0)
         torch.testing.assert_close(ent[n, :L], -(ref.exp() * ref.clamp(min=-1e30)).sum(-1), atol=1e-4, rtol=0)
         assert (logp[n, L:] == 0).all() and (ent[n, L:] == 0).all()
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
     grads = []
-    for prompts in (p, expanded):                                # the gradient flows through the shared prefix too
+    for prompts in (p, expanded):                                # the gradient reaches the shared prompt too
         model.zero_grad()
         (R.response_logprobs(model, prompts, ids, mask) * weights).sum().backward()
         grads.append({n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None})
@@ -107,7 +115,8 @@ def test_response_logprobs_match_unpadded_forward(which, request, batch):
 
 def test_sampling_knobs_match_transformers_processors():
     torch.manual_seed(0)
-    logits, ids = torch.randn(6, 300) * 3, torch.randint(0, 300, (6, 20))
+    logits = torch.randn(6, 300) * 3
+    ids = torch.randint(0, 300, (6, 20))
     seen = torch.zeros(6, 300, dtype=torch.bool).scatter_(1, ids, True)
     cases = [(dict(repetition_penalty=1.3), [RepetitionPenaltyLogitsProcessor(1.3)]),
              (dict(temperature=0.6), [TemperatureLogitsWarper(0.6)]),
@@ -124,10 +133,12 @@ def test_sampling_knobs_match_transformers_processors():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_sampler_draws_from_the_processed_distribution(tie):
-    """sample_next (top-k first, then temperature / top-p / the draw over the k candidates; a tie at the k-th place
-    takes the full-vocabulary path) draws from softmax(process_logits(...)): the processors' distribution."""
+    """sample_next (top-k first, then temperature / top-p / the draw over the k candidates; a tie at the k-th
+    place takes the full-vocabulary path) draws from softmax(process_logits(...)): the processors'
+    distribution."""
     torch.manual_seed(0)
-    logits, ids = torch.randn(4, 300) * 3, torch.randint(0, 300, (4, 20))
+    logits = torch.randn(4, 300) * 3
+    ids = torch.randint(0, 300, (4, 20))
     seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, ids, True)
     kw = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, banned=[3, 5])
     if tie:                                                      # rank 20 ties rank 19: top-k keeps 21 tokens
@@ -142,7 +153,10 @@ def test_sampler_draws_from_the_processed_distribution(tie):
                                           accumulate=True) / N         # [4, V]
     assert (freq[expect == 0] == 0).all()                        # nothing outside the processed support
     support = (expect > 0).sum(1)
-    assert support.tolist() == [21, 20, 20, 20] if tie else (support <= 20).all() and (support < 20).any()  # top-p cut
+    if tie:
+        assert support.tolist() == [21, 20, 20, 20]
+    else:
+        assert (support <= 20).all() and (support < 20).any()  # top-p cut
     if tie:
         assert freq[0, order[0, 19]] > 0 and freq[0, order[0, 20]] > 0  # both tied tokens drawn
     torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)  # ~5 standard deviations at the largest p

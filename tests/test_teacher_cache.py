@@ -1,6 +1,6 @@
-"""data/teacher_cache.py: N responses per question per teacher from real (tiny) VLM checkpoints of two families,
-resumed after a crash or a kill without redoing or duplicating anything, equal to an uninterrupted run; the student's
-own samples (--field students) feed ril.py's discriminator pre-training."""
+"""data/teacher_cache.py: N responses per question per teacher from real (tiny) VLM checkpoints of two
+families, resumed after a crash or a kill without redoing or duplicating anything, equal to an uninterrupted
+run; the student's own samples (--field students) feed ril.py's discriminator pre-training."""
 import json
 import os
 import signal
@@ -46,9 +46,10 @@ def counting(monkeypatch, crash_after=None):
     return calls
 
 
-def test_fills_n_per_teacher_and_resumes_after_a_crash(questions, tiny_qwen2vl, tiny_internvl, tmp_path, monkeypatch):
-    args = ["--data", questions, "--teacher", f"qwen2vl={tiny_qwen2vl}", "--teacher", f"internvl={tiny_internvl}",
-            "-n", 3, "--batch-size", 4, "--max-new-tokens", 8]
+def test_fills_n_per_teacher_and_resumes_after_a_crash(questions, tiny_qwen2vl, tiny_internvl, tmp_path,
+                                                        monkeypatch):
+    args = ["--data", questions, "--teacher", f"qwen2vl={tiny_qwen2vl}",
+            "--teacher", f"internvl={tiny_internvl}", "-n", 3, "--batch-size", 4, "--max-new-tokens", 8]
     args = [str(a) for a in args]
     straight = tmp_path / "straight.jsonl"
     teacher_cache.main(args + ["--out", str(straight)])
@@ -56,7 +57,7 @@ def test_fills_n_per_teacher_and_resumes_after_a_crash(questions, tiny_qwen2vl, 
     resumed = tmp_path / "sub" / "resumed.jsonl"                  # another folder: image paths are rewritten
     resumed.parent.mkdir()
     journal = resumed.with_name(resumed.name + ".journal")
-    counting(monkeypatch, crash_after=4)                          # qwen2vl's 3 batches, internvl's first, then a crash
+    counting(monkeypatch, crash_after=4)                          # qwen2vl's 3 batches, internvl's 1, crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         teacher_cache.main(args + ["--out", str(resumed)])
     assert not resumed.exists() and len(journal.read_text().splitlines()) == 4
@@ -69,10 +70,12 @@ def test_fills_n_per_teacher_and_resumes_after_a_crash(questions, tiny_qwen2vl, 
     rows = load_jsonl(resumed)                                   # valid, images found from the new folder
     assert len(rows) == 10 and rows[3]["image"] is None
     for r in rows:
-        assert set(r["teachers"]) == {"qwen2vl", "internvl"} and all(len(v) == 3 for v in r["teachers"].values())
+        assert set(r["teachers"]) == {"qwen2vl", "internvl"}
+        assert all(len(v) == 3 for v in r["teachers"].values())
     assert [json.loads(line)["teachers"] for line in open(resumed)] == \
         [json.loads(line)["teachers"] for line in open(straight)]  # = the run that was never interrupted
-    assert not all(r["teachers"]["qwen2vl"][0] == r["teachers"]["qwen2vl"][1] for r in rows)  # sampled, not greedy
+    # sampled, not greedy
+    assert not all(r["teachers"]["qwen2vl"][0] == r["teachers"]["qwen2vl"][1] for r in rows)
 
     before = resumed.read_text()
     calls = counting(monkeypatch)
@@ -102,20 +105,23 @@ def test_a_killed_run_resumes_where_it_stopped(questions, tiny_qwen2vl, tmp_path
 
 
 def test_student_samples_top_up_and_pretrain_the_discriminator(embedded, tiny_student, tmp_path):
-    """--field students: a row holding one sample gets two more (the first kept); ril.py --stage disc then trains D
-    on these cached samples instead of sampling the student."""
+    """--field students: a row holding one sample gets two more (the first kept); ril.py --stage disc then
+    trains D on these cached samples instead of sampling the student."""
     rows = [json.loads(line) for line in open(embedded / "train.jsonl")][:8]
     for r in rows:
         r["image"] = str(embedded / r["image"])
     rows[0]["students"] = {"tiny": ["an old sample"]}
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    teacher_cache.main(["--data", str(data), "--field", "students", "--teacher", f"tiny={tiny_student}", "-n", "3",
-                        "--max-new-tokens", "8"])
+    teacher_cache.main(["--data", str(data), "--field", "students", "--teacher", f"tiny={tiny_student}",
+                        "-n", "3", "--max-new-tokens", "8"])
     cached = load_jsonl(data)
-    assert all(len(r["students"]["tiny"]) == 3 for r in cached) and cached[0]["students"]["tiny"][0] == "an old sample"
-    assert all(r["teachers"] == json.loads(json.dumps(o["teachers"])) for r, o in zip(cached, rows))  # kept as they were
-    p = run(["--student", tiny_student, "--data", data, "--stage", "disc", "--out-dir", tmp_path, "--name", "d",
-             "--disc-steps", 1, "--disc-questions", 8, "--disc-batch-size", 4, "--max-disc-len", 192])
+    assert all(len(r["students"]["tiny"]) == 3 for r in cached)
+    assert cached[0]["students"]["tiny"][0] == "an old sample"
+    # the teachers kept as they were
+    assert all(r["teachers"] == json.loads(json.dumps(o["teachers"])) for r, o in zip(cached, rows))
+    p = run(["--student", tiny_student, "--data", data, "--stage", "disc", "--out-dir", tmp_path,
+             "--name", "d", "--disc-steps", 1, "--disc-questions", 8, "--disc-batch-size", 4,
+             "--max-disc-len", 192])
     assert "on 24 cached student responses" in p.stdout
     assert (tmp_path / "d" / "discriminator" / "discriminator_head.safetensors").exists()
