@@ -9,7 +9,8 @@ def test_one_step_is_shown_with_consistent_numbers(tiny_student, embedded, tmp_p
     Discriminator.from_student(tiny_student).save_pretrained(tmp_path / "disc")
     out = tmp_path / "one-step.md"
     rows = explain.main(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
-                         "--discriminator", str(tmp_path / "disc"), "--group-size", "2", "--max-new-tokens", "96",
+                         "--discriminator", str(tmp_path / "disc"), "--group-size", "2",
+                         "--max-new-tokens", "96",
                          "--max-disc-len", "192", "--lr", "1e-3", "--disc-lr", "1e-3", "--out", str(out)])
     assert [r["who"] for r in rows] == ["student", "student", "teacher", "teacher"]  # G = 2 of each, in order
     assert sum(r["A"] for r in rows) == pytest.approx(0, abs=1e-6)                   # A = R - mean(R)
@@ -17,7 +18,7 @@ def test_one_step_is_shown_with_consistent_numbers(tiny_student, embedded, tmp_p
     for r in rows:
         assert r["R"] == r["r_sim"] + r["r_ans"] and r["A"] == pytest.approx(r["R"] - mean_r)
         assert r["r_sim"] == float(r["D"] < 0.5) and r["kl_share"] >= 0
-    assert any(r["r_ans"] == 1 for r in rows if r["who"] == "teacher")               # the teachers answer right
+    assert any(r["r_ans"] == 1 for r in rows if r["who"] == "teacher")  # the teachers answer right
     text = out.read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert text.startswith("# One RIL step") and len(table) == 2 + 4                 # header, rule, 2G rows
