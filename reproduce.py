@@ -133,12 +133,15 @@ def disc_flags(name: str, out: Path, extra: list[str]) -> list[str]:
 
 def run_args(name: str, seed: int, out: Path, common: list[str]) -> list[str]:
     """ril.py's arguments for one run: the common flags, then the configuration's (which a common flag cannot
-    undo), then its identity. A run with a checkpoint but no summary was interrupted: it resumes."""
+    undo), then its identity. A run with a checkpoint but no summary was interrupted: it resumes; one that
+    failed before its first checkpoint starts again (--overwrite)."""
+    folder = out / run_name(name, seed)
     args = [*common, *disc_flags(name, out, common), *GRID[name], "--stage", "rl", "--out-dir", str(out),
-            "--name", run_name(name, seed),
-            "--seed", str(seed)]
-    if (out / run_name(name, seed) / "checkpoints" / "latest").exists():
+            "--name", run_name(name, seed), "--seed", str(seed)]
+    if (folder / "checkpoints" / "latest").exists():
         args.append("--resume")
+    elif (folder / "metrics.jsonl").exists():
+        args.append("--overwrite")
     return args
 
 

@@ -14,6 +14,8 @@ def test_dry_run_commands(tmp_path, capsys):
     (tmp_path / "beta0-s1" / "checkpoints" / "latest").write_text("step-2")  # interrupted: resumes
     (tmp_path / "beta0-s2").mkdir()
     (tmp_path / "beta0-s2" / "summary.json").write_text("{}")                # finished: skipped
+    (tmp_path / "beta0-s0").mkdir()
+    (tmp_path / "beta0-s0" / "metrics.jsonl").write_text("")                 # failed early: starts again
     reproduce.main(["--dry-run", "--only", "beta0", "--out", str(tmp_path), "--steps", "7", "--beta", "0.5",
                     "--", "--student", str(tmp_path), "--discriminator", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
@@ -26,7 +28,7 @@ def test_dry_run_commands(tmp_path, capsys):
         assert reproduce.flag_value(args, "--lr") is None  # ril.py's own lr
         assert reproduce.flag_value(args, "--name") == f"beta0-s{seed}"
         assert reproduce.flag_value(args, "--seed") == str(seed)
-        assert ("--resume" in args) == (seed == 1)
+        assert ("--resume" in args) == (seed == 1) and ("--overwrite" in args) == (seed == 0)
     reproduce.main(["--dry-run", "--only", "grpo", "--seeds", "0", "--nproc", "1", "--out", str(tmp_path),
                     "--lr", "3e-5"])
     args = capsys.readouterr().out.split()
