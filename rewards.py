@@ -91,9 +91,14 @@ def normalize(s: str) -> str:
     return s.rstrip(".").strip()
 
 
+MAX_DIGITS = 4000  # under Python's int-string limit (4,300 digits): longer numbers are compared as text
+
+
 def parse_number(s: str) -> Fraction | None:
     """A normalised string as an exact number: 12, -3.5, 2.50, 1,234, 3/4, \\frac{3}{4}, \\dfrac{3}{4}; else
-    None."""
+    None. More than MAX_DIGITS digits: None (Python refuses to parse such integers; compared as text)."""
+    if sum(c.isdigit() for c in s) > MAX_DIGITS:
+        return None
     m = _FRAC.match(s) or _SLASH.match(s)
     if m:
         sign, num, den = m.group(1, 2, 3) if m.re is _FRAC else ("", *m.group(1, 2))

@@ -119,6 +119,16 @@ def test_adversarial_answers():
     assert answer_reward(ADVERSARIAL["20k unclosed braces"], "7") == 1.0
 
 
+def test_numbers_past_pythons_digit_limit_never_raise():
+    """int() refuses strings of more than 4,300 digits: such numbers, in a response or a ground truth, are
+    compared as text (equal strings match, anything else does not) instead of killing the run."""
+    big = "9" * 5000
+    assert answer_reward(f"so \\boxed{{{big}}}", big) == 1.0
+    assert answer_reward(f"\\boxed{{{big}}}", "3") == 0.0 and answer_reward("\\boxed{3}", big) == 0.0
+    assert answer_reward(f"\\boxed{{{big}/7}}", f"{big}/7") == 1.0
+    assert answer_reward(f"\\boxed{{1{big}}}", big) == 0.0
+
+
 def test_rule_rewards_batch():
     r, stats = rule_rewards([r"\boxed{1}", "no answer", r"\boxed{2}"], ["1", "1", "3"])
     assert r.tolist() == [1.0, 0.0, 0.0] and stats["n_no_answer"] == 1 and stats["n"] == 3
