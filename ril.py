@@ -75,7 +75,7 @@ class Config:
     disc_lr: float = 1e-6          # discriminator learning rate (pre-training and RL)
     batch_size: int = 144          # questions per step, all ranks together
     steps: int = 1000              # RL steps
-    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO's)
+    loss_agg: str = "token-mean"   # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
     max_new_tokens: int = 1024     # response length cap (also Dr.GRPO's constant normaliser)
     max_disc_len: int = 1024       # discriminator input cap, in tokens (longer: cut from the left)
     micro_batch: int = 32          # sequences per forward/backward (gradient accumulation within a step)
