@@ -103,6 +103,7 @@ class Config:
     resume: bool = False           # continue runs/<name> from its latest checkpoint
     overwrite: bool = False        # start again in a run folder that already holds a run
     keep_checkpoints: int = 3      # RL checkpoints kept in runs/<name>/checkpoints (0 = all)
+    max_skipped: int = 5           # stop after this many policy updates in a row skipped as non-finite
 
 
 # The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
@@ -151,8 +152,8 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, key) not in allowed:
             fail(key, f"must be one of {allowed}")
     for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size",
-                "sft_micro_batch", "steps", "sft_steps", "disc_steps", "disc_batch_size", "disc_questions",
-                "disc_samples", "max_disc_len"):
+                "max_skipped", "sft_micro_batch", "steps", "sft_steps", "disc_steps", "disc_batch_size",
+                "disc_questions", "disc_samples", "max_disc_len"):
         if getattr(cfg, key) < 1:
             fail(key, "must be >= 1")
     for key in ("lr", "disc_lr", "sft_lr", "grad_clip", "clip_eps", "repetition_penalty"):
@@ -604,6 +605,7 @@ class RunState:
     """What a checkpoint's state.json holds besides the step: counters and the start's validation report."""
     step: int = 0
     skipped: int = 0
+    skipped_in_a_row: int = 0
     val_start: dict | None = None
 
 
@@ -698,6 +700,12 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         out = rl_step(cfg, step, batch, m, names, gen)
         state.step = step + 1
         state.skipped += out["policy/skipped"]
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if out["policy/skipped"] else 0
+        if state.skipped_in_a_row >= cfg.max_skipped:  # stop, don't limp: the last good checkpoint stays
+            raise SystemExit(f"step {step + 1}: {state.skipped_in_a_row} policy updates in a row had a "
+                             "non-finite loss or gradient and were skipped "
+                             f"(--max-skipped {cfg.max_skipped}); skipped updates leave the weights as they "
+                             "were, so the last checkpoint is good: lower --lr, or look at the data")
         sample = out.pop("_sample")
         out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None},
                "time/step": time.time() - t0}
