@@ -312,10 +312,12 @@ def test_a_run_whose_updates_keep_failing_stops(tiny_student, embedded, tmp_path
     """--max-skipped K: K policy updates in a row skipped as non-finite stop the run with a non-zero exit,
     before the stopping step writes anything (skipped updates never reach the weights)."""
     def failing_step(cfg, step, batch, m, names, gen):
-        return {"policy/skipped": 1, "reward/total": 0.0, "response/length": 0.0, "_sample": ("q", "a", "r", 0)}
+        return {"policy/skipped": 1, "reward/total": 0.0, "response/length": 0.0,
+                "_sample": ("q", "a", "r", 0)}
     monkeypatch.setattr(ril, "rl_step", failing_step)
-    args = ["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"), "--out-dir", str(tmp_path),
-            "--algo", "drgrpo", "--stage", "rl", "--steps", "10", "--max-skipped", "3", "--save-every", "1",
+    args = ["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
+            "--out-dir", str(tmp_path), "--algo", "drgrpo", "--stage", "rl", "--steps", "10",
+            "--max-skipped", "3", "--save-every", "1",
             "--beta", "0", "--sample-every", "0"]
     with pytest.raises(SystemExit, match="3 policy updates in a row had a non-finite") as e:
         ril.main(args)
