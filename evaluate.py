@@ -330,7 +330,7 @@ def load_run(path: str | Path) -> dict:
 def config_key(config: dict) -> str:
     """What makes two runs the same configuration: the config minus seed, name and output paths."""
     ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir",
-              "checkpoint_dir", "resume"}
+              "checkpoint_dir", "resume", "overwrite", "keep_checkpoints"}
     return json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True, default=str)
 
 

@@ -640,7 +640,9 @@ def final_reports(cfg: Config, m: Models, student: str, state: RunState, rows, e
         summary["val"] = {"start": state.val_start, "final": final}
     if cfg.test_data:
         test_rows = load_jsonl(cfg.test_data)
-        start = m.ref or distributed.load_pretrained(student, m.device, trainable=False)[0]
+        start = m.ref
+        if start is None:  # beta = 0: pi_ref was not loaded
+            start = distributed.load_pretrained(student, m.device, trainable=False)[0]
         summary["test"] = {"start": evaluate.held_out(start, m.tok, m.proc, test_rows, rows, n),
                            "final": evaluate.held_out(m.policy, m.tok, m.proc, test_rows, rows, n)}
     return evaluate.add_gains(summary)

@@ -300,3 +300,11 @@ def test_paired_bootstrap_tells_a_real_difference_from_noise():
     assert evaluate.format_difference(diff, lo, hi).endswith("not significant")
     with pytest.raises(ValueError):
         evaluate.paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+def test_a_rerun_is_the_same_configuration():
+    """A run resumed or started again (--resume, --overwrite) groups with its seeds; another lr does not."""
+    base = {"name": "ril-s0", "seed": 0, "lr": 1e-6, "resume": False, "overwrite": False}
+    rerun = dict(base, name="ril-s1", seed=1, resume=True, overwrite=True)
+    assert evaluate.config_key(base) == evaluate.config_key(rerun)
+    assert evaluate.config_key(base) != evaluate.config_key(dict(base, lr=1e-5))
