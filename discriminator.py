@@ -8,8 +8,9 @@
   no question, no image (as in the paper). The prompt's fixed start can run once per batch and share its
   keys/values with every response (the same logits; it is about half the tokens D reads on the embedded task).
 - `discriminator_loss`: Eq. 1 as binary cross-entropy, label 1 = student, 0 = teacher.
-- `pretrain` over cached (student, teacher) responses, and `update`, the mu = 1 per-batch step inside the
-  RL loop (Algorithm 2, step 3). Both work on a plain module or one sharded with FSDP2 under torchrun.
+- `pretrain` over cached (student, teacher) responses (`pretrain_batch`: step k's draw), and `update`, the
+  mu = 1 per-batch step inside the RL loop (Algorithm 2, step 3). Both work on a plain module or one
+  sharded with FSDP2 under torchrun.
 """
 from __future__ import annotations
 
@@ -254,20 +255,25 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
             "skipped": int(skipped), "n_truncated": n_cut}
 
 
+def pretrain_batch(n_student: int, n_teacher: int, batch_size: int, seed: int, step: int):
+    """Pre-training step `step`'s draw (with replacement) of batch_size student and batch_size teacher text
+    indices: a function of (seed, step) only, so a resumed pre-training draws what a straight one does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return (torch.randint(n_student, (batch_size,), generator=g).tolist(),
+            torch.randint(n_teacher, (batch_size,), generator=g).tolist())
+
+
 def pretrain(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, student_texts: list[str],
              teacher_texts: list[str], steps: int, batch_size: int, max_len: int, seed: int = 0,
              log_every: int = 10, micro_batch_size: int | None = None,
              max_grad_norm: float | None = 1.0) -> dict:
     """Pre-train D on cached responses (all teachers' responses labelled teacher): `steps` calls of
-    `update`, each on `batch_size` student and `batch_size` teacher texts drawn (with replacement) by a
-    generator seeded with `seed`. Under torchrun give each rank its own shard of texts or its own seed.
-    Returns the last step's stats plus steps, seconds, n_skipped and the per-step history."""
-    g = torch.Generator().manual_seed(seed)
+    `update`, each on the `pretrain_batch` of that step. Under torchrun give each rank its own shard of texts
+    or its own seed. Returns the last step's stats plus steps, seconds, n_skipped and the per-step history."""
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     history, t0 = [], time.time()
     for step in range(steps):
-        si = torch.randint(len(student_texts), (batch_size,), generator=g).tolist()
-        ti = torch.randint(len(teacher_texts), (batch_size,), generator=g).tolist()
+        si, ti = pretrain_batch(len(student_texts), len(teacher_texts), batch_size, seed, step)
         stats = update(disc, optimizer, tokenizer, [student_texts[i] for i in si],
                        [teacher_texts[i] for i in ti], max_len, micro_batch_size=micro_batch_size,
                        max_grad_norm=max_grad_norm)

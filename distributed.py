@@ -10,15 +10,21 @@ checkpoints and SIGTERM. Nothing here is RIL: ril.py calls these by name (`distr
   equals the mean over every token of the global batch (2 processes = 1 process with the same batch).
 - Checkpoints are written to a temporary folder, renamed, then `latest` is replaced atomically: a kill at any
   moment leaves the previous checkpoint whole.
+- `Loop` is the step loop every stage shares (SFT, discriminator pre-training, RL): resume from the latest
+  checkpoint, a checkpoint every N steps and at the end, SIGTERM (or a dead torchrun agent) saves and stops,
+  K skipped updates in a row stop the run; `optimizer_step` skips a non-finite update and measures the rest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 import signal
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +54,9 @@ def setup() -> tuple[int, int, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the process group together: gloo aborts a rank that tears down while its peer still works."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -257,6 +265,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 # SIGTERM: finish the step, save, stop
 
 _SIGTERM = {"received": False}  # set by the handler; read through stop_requested()
+_PARENT = os.getppid()          # under torchrun: the agent; a worker whose agent died is re-parented
 
 
 def catch_sigterm() -> None:
@@ -268,6 +277,129 @@ def _on_sigterm(signum, frame) -> None:
     _SIGTERM["received"] = True
 
 
+def launcher_gone() -> bool:
+    """Whether this torchrun worker's agent has died (the worker was re-parented): nobody would restart or
+    stop it, so it saves and stops like on SIGTERM instead of training on unwatched."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != _PARENT
+
+
 def stop_requested() -> bool:
-    """Whether any rank has received SIGTERM (a collective: every rank gets the same answer)."""
-    return all_sum(float(_SIGTERM["received"])) > 0
+    """Whether any rank has received SIGTERM or lost its agent (a collective: every rank gets the same
+    answer, so every rank must call it at the same points)."""
+    return all_sum(float(_SIGTERM["received"] or launcher_gone())) > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step loop every stage shares
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+                   loss: float) -> dict:
+    """Clip the gradients and step, unless the loss or the gradient norm is not finite on some rank: then the
+    step is skipped and the weights stay as they were. Zeroes the gradients either way. Returns grad_norm,
+    skipped (0 / 1) and update = ||theta_after - theta_before|| / ||theta_before|| over every parameter the
+    optimizer holds (0 when skipped): a finite but wrecking step (too large a learning rate) shows here."""
+    norm = grad_norm(model, max_norm)
+    skipped = all_sum(float(not (math.isfinite(norm) and math.isfinite(loss)))) > 0
+    update = 0.0
+    if not skipped:
+        params = [p.detach() for g in optimizer.param_groups for p in g["params"]]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]    # this rank's shard
+        before = [t.clone() for t in local]
+        optimizer.step()
+        moved = all_sum(sum((a - b).float().pow(2).sum() for a, b in zip(local, before)))
+        size = all_sum(sum(b.float().pow(2).sum() for b in before))
+        update = math.sqrt(moved / max(size, 1e-30))
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": norm, "skipped": int(skipped), "update": update}
+
+
+def publish(module, path: Path, *extras) -> None:
+    """save_pretrained into `path` atomically: written beside it, then renamed over it, so a kill or a full
+    disk never leaves a half-written model where a later run would load it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    save_pretrained(module, tmp, *extras)
+    if rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    barrier()
+
+
+@dataclass
+class Progress:
+    """A stage's counters, saved in every checkpoint's state.json."""
+    step: int = 0               # steps done
+    skipped: int = 0            # updates skipped as non-finite, in all
+    skipped_in_a_row: int = 0   # ... since the last update that went through
+    notes: dict = field(default_factory=dict)  # the stage's own (the RL stage: the start's val report)
+
+
+class Loop:
+    """The steps of one stage, with the guarantees every stage needs:
+
+        loop = distributed.Loop(folder, steps, trained, gen, ckpt, save_every=50, keep=3, max_skipped=5)
+        for step in loop:                    # from the checkpoint's step when ckpt is given (--resume)
+            ...                              # one step; `continue` without loop.done(): abandoned (SIGTERM)
+            loop.done(skipped, metrics)      # counts a skipped update, appends metrics to metrics.jsonl
+
+    After each step: a checkpoint in folder/checkpoints every `save_every` steps and after the last; on
+    SIGTERM or a dead torchrun agent, a checkpoint of the last finished step, then exit 0. `max_skipped`
+    updates skipped in a row stop the run with an error before any checkpoint of the failing steps, so the
+    last checkpoint holds good weights. trained: {folder name: (model, optimizer, extras)}; ckpt: the
+    checkpoint to resume (models already loaded from it: this restores optimizers, RNG and progress)."""
+
+    def __init__(self, folder: Path, steps: int, trained: dict, gen: torch.Generator, ckpt: Path | None, *,
+                 save_every: int, keep: int, max_skipped: int, name: str = "step"):
+        self.folder, self.steps, self.trained, self.gen = Path(folder), steps, trained, gen
+        self.save_every, self.keep, self.max_skipped, self.name = save_every, keep, max_skipped, name
+        self.progress = Progress(**load_checkpoint(ckpt, trained, gen)) if ckpt else Progress()
+        self.finished = False
+        self.metrics = self.folder / "metrics.jsonl"
+        if rank() == 0:  # keep the metrics rows up to the checkpoint; a line torn by a kill is dropped
+            self.folder.mkdir(parents=True, exist_ok=True)
+            old = self.metrics.read_text().splitlines() if ckpt and self.metrics.exists() else []
+            kept = [line for line in old if metrics_step(line) <= self.progress.step]
+            self.metrics.write_text("".join(line + "\n" for line in kept))
+
+    def __iter__(self):
+        catch_sigterm()
+        for step in range(self.progress.step, self.steps):
+            self.finished = False
+            yield step
+            stopping = not self.finished or stop_requested()
+            done = self.progress.step
+            if stopping or done == self.steps or (self.save_every and done % self.save_every == 0):
+                save_checkpoint(self.folder, done, self.trained, asdict(self.progress), self.gen, self.keep)
+            if stopping:
+                if rank() == 0:
+                    print(f"{self.folder}: stop requested (SIGTERM or the launcher is gone): saved step {done} "
+                          "and stopped; --resume continues", flush=True)
+                sys.exit(0)
+
+    def done(self, skipped: int, metrics: dict | None = None) -> None:
+        """End of a step: count a skipped update, stop after max_skipped in a row, log the metrics row."""
+        p = self.progress
+        p.step += 1
+        p.skipped += skipped
+        p.skipped_in_a_row = p.skipped_in_a_row + 1 if skipped else 0
+        if p.skipped_in_a_row >= self.max_skipped:
+            raise SystemExit(f"{self.folder}: {self.name} {p.step}: {p.skipped_in_a_row} updates in a row had a "
+                             f"non-finite loss or gradient and were skipped (--max-skipped {self.max_skipped}); "
+                             "skipped updates leave the weights as they were, so the last checkpoint is good: "
+                             "lower the learning rate, or look at the data")
+        if metrics is not None and rank() == 0:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps({"step": p.step, **metrics}) + "\n")
+        self.finished = True
+
+
+def metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is not kept)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf

@@ -25,7 +25,6 @@ import math
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,8 +310,9 @@ def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
 # Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked)
 
 
-def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
-    """Fine-tune `init` on cfg.sft_data for cfg.sft_steps and save it to `out` (save_pretrained)."""
+def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> None:
+    """Fine-tune `init` on cfg.sft_data for cfg.sft_steps (lr decays linearly to a tenth); publish it to `out`.
+    Checkpoints, metrics.jsonl and --resume in `folder`, as in the RL stage (distributed.Loop)."""
     all_rows = load_jsonl(cfg.sft_data)
     rows = [r for r in all_rows if "response" in r]
     world = distributed.world_size()
@@ -323,14 +323,20 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
     if rank == 0 and len(rows) < len(all_rows):
         skipped = len(all_rows) - len(rows)
         print(f"sft: {skipped} of {len(all_rows)} rows have no `response`: skipped", flush=True)
-    model, tok, proc = distributed.load_pretrained(init, device, checkpointing=cfg.grad_checkpointing,
-                                    keep_gathered=cfg.keep_gathered)
+    ckpt = distributed.latest_checkpoint(folder) if cfg.resume else None
+    model, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else init, device,
+                                                   checkpointing=cfg.grad_checkpointing,
+                                                   keep_gathered=cfg.keep_gathered)
     sampler_defaults(model, tok, cfg)
     opt = student_optimizer(model, cfg.sft_lr, cfg.vision_lr_scale)
-    decay = [1 - 0.9 * s / max(1, cfg.sft_steps) for s in range(cfg.sft_steps + 1)]  # lr -> lr / 10, linearly
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay.__getitem__)
-    bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank != 0)
+    base_lr = [g["lr"] for g in opt.param_groups]
+    loop = distributed.Loop(folder, cfg.sft_steps, {"student": (model, opt, (tok, proc))},
+                            torch.Generator().manual_seed(cfg.seed), ckpt, save_every=cfg.save_every,
+                            keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped, name="sft step")
+    bar = tqdm(loop, desc="sft", disable=rank != 0, initial=loop.progress.step, total=cfg.sft_steps)
     for step in bar:
+        for group, lr in zip(opt.param_groups, base_lr):
+            group["lr"] = lr * (1 - 0.9 * step / cfg.sft_steps)                 # lr -> lr / 10, linearly
         batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, rank, world)
         texts = [r["response"] for r in batch]
         ids, mask, _ = rollout.encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
@@ -345,13 +351,11 @@ def sft(cfg: Config, init: str, out: Path, device, rank: int) -> None:
             loss = -(logp * mask[mb, w]).sum() / total                          # token-mean cross-entropy
             (loss * world).backward()                       # FSDP averages gradients over ranks
             nll += loss.item()
-        distributed.grad_norm(model, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{distributed.all_sum(nll):.3f}")
-    distributed.save_pretrained(model, out, tok, proc)
-    distributed.barrier()
+        nll = distributed.all_sum(nll)
+        stats = distributed.optimizer_step(model, opt, cfg.grad_clip, nll)
+        loop.done(stats["skipped"], {"loss": nll, "lr": opt.param_groups[0]["lr"], **stats})
+        bar.set_postfix(loss=f"{nll:.3f}", update=f"{stats['update']:.1e}")
+    distributed.publish(model, out, tok, proc)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -382,10 +386,11 @@ def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
     return None
 
 
-def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: int) -> None:
+def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, device, rank: int) -> None:
     """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or
     take its cached samples, the `students` field, when every row has them), take every cached response of
-    the chosen teachers on them (all labelled teacher), train D, save it to `out` with what it saw."""
+    the chosen teachers on them (all labelled teacher), train D (Eq. 1) and publish it to `out` with what it
+    saw. Checkpoints, metrics.jsonl and --resume in `folder` (distributed.Loop)."""
     world = distributed.world_size()
     rows = load_jsonl(cfg.data)
     names = imitated_teachers(cfg, rows)
@@ -405,19 +410,30 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, device, rank: i
     cut = rollout.encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)
     teacher_texts = decode(tok, cut[0], cut[1])                  # as RL gives them to D: cut, decoded
     del model
-    disc = distributed.shard(discriminator.Discriminator.from_student(student).to(device), device,
-                             cfg.keep_gathered)
+    ckpt = distributed.latest_checkpoint(folder) if cfg.resume else None
+    disc = discriminator.Discriminator.from_pretrained(ckpt / "discriminator") if ckpt else \
+        discriminator.Discriminator.from_student(student)
+    disc = distributed.shard(disc.to(device), device, cfg.keep_gathered)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
-    stats = discriminator.pretrain(disc, opt, tok, student_texts, teacher_texts, steps=cfg.disc_steps,
-                                   batch_size=max(1, cfg.disc_batch_size // (2 * world)),
-                                   max_len=cfg.max_disc_len, seed=cfg.seed * 1000 + rank,
-                                   log_every=max(1, cfg.disc_steps // 5))
+    loop = distributed.Loop(folder, cfg.disc_steps, {"discriminator": (disc, opt, ())}, gen, ckpt,
+                            save_every=cfg.save_every, keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped,
+                            name="discriminator step")
+    per_rank = max(1, cfg.disc_batch_size // (2 * world))      # student and teacher texts per rank and step
+    bar = tqdm(loop, desc="discriminator", disable=rank != 0, initial=loop.progress.step, total=cfg.disc_steps)
+    stats = {"accuracy": math.nan}
+    for step in bar:
+        si, ti = discriminator.pretrain_batch(len(student_texts), len(teacher_texts), per_rank,
+                                              cfg.seed * 1000 + rank, step)
+        stats = discriminator.update(disc, opt, tok, [student_texts[i] for i in si],
+                                     [teacher_texts[i] for i in ti], cfg.max_disc_len,
+                                     max_grad_norm=cfg.grad_clip)
+        loop.done(stats["skipped"], stats)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
     if rank == 0:
         source = "cached" if cached else "sampled"
-        print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank: "
-              f"{stats['steps']} steps, {stats['seconds']:.0f}s, last-batch accuracy {stats['accuracy']:.3f}",
-              flush=True)
-    distributed.save_pretrained(disc, out)
+        print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank, "
+              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}", flush=True)
+    distributed.publish(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (disc_mismatch reads it)
         origin = {"student": distributed.fingerprint(student), "teachers": sorted(names)}
         (out / ORIGIN).write_text(json.dumps(origin))
@@ -545,24 +561,26 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
             stats.append(st)
             ent_sum += (entropy.detach() * is_student[s, w]).sum().item()
             ent_n += is_student[s, w].sum().item()
-        gnorm = distributed.grad_norm(m.policy, cfg.grad_clip)
-        if distributed.all_sum(float(not (math.isfinite(gnorm) and math.isfinite(loss_sum)))) > 0:
-            skipped += 1                                                     # never reaches the weights
-        else:
-            m.popt.step()
-        m.popt.zero_grad(set_to_none=True)
+        step = distributed.optimizer_step(m.policy, m.popt, cfg.grad_clip, loss_sum)  # non-finite: skipped
+        skipped += step["skipped"]
     return {"policy/loss": loss_sum, "policy/kl": sum(x["kl"] for x in stats) / len(stats),
             "policy/clip_frac": sum(x["clip_frac"] for x in stats) / len(stats),
             "policy/ratio_min": min(x["ratio_min"] for x in stats),
             "policy/ratio_max": max(x["ratio_max"] for x in stats),
-            "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": gnorm, "policy/skipped": skipped}
+            "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": step["grad_norm"],
+            "policy/update": step["update"], "policy/skipped": skipped}
 
 
 def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
             gen: torch.Generator) -> dict:
-    """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics."""
+    """One batch of Algorithm 2 (Algorithm 1 for --algo grpo|drgrpo) on this rank's questions; its metrics.
+    None when a stop was requested during the rollout: the step is abandoned before any weight changes."""
     t0 = time.time()
+    gen_before = gen.get_state()
     prompts, ids, mask, k, n_trunc = sample_group(cfg, step, batch, m, names, gen)       # steps 1-2
+    if distributed.stop_requested():  # SIGTERM during the (longest) phase: save the previous step now
+        gen.set_state(gen_before)
+        return None
     texts = decode(m.tok, ids, mask)
     is_student = student_rows(ids.shape[0], k, cfg.group_size)                             # [N]
     t1 = time.time()
@@ -600,15 +618,6 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
 # The loop
 
 
-@dataclass
-class RunState:
-    """What a checkpoint's state.json holds besides the step: counters and the start's validation report."""
-    step: int = 0
-    skipped: int = 0
-    skipped_in_a_row: int = 0
-    val_start: dict | None = None
-
-
 def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | None, device) -> Models:
     """The policy (from the checkpoint when resuming), pi_ref, the optimizer, and D / the judge when used."""
     policy, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else student, device,
@@ -630,14 +639,14 @@ def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | N
     return m
 
 
-def final_reports(cfg: Config, m: Models, student: str, state: RunState, rows, eval_rows) -> dict:
+def final_reports(cfg: Config, m: Models, student: str, val_start: dict | None, rows, eval_rows) -> dict:
     """Validation and test accuracy of the start and of the final student (the test split is read only here),
     each beside chance and the blind baseline, and each split's gain with its paired 95% interval."""
     summary = {}
     n = cfg.max_new_tokens
     if eval_rows:
         final = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, n)
-        summary["val"] = {"start": state.val_start, "final": final}
+        summary["val"] = {"start": val_start, "final": final}
     if cfg.test_data:
         test_rows = load_jsonl(cfg.test_data)
         start = m.ref
@@ -648,18 +657,8 @@ def final_reports(cfg: Config, m: Models, student: str, state: RunState, rows, e
     return evaluate.add_gains(summary)
 
 
-def metrics_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is not kept)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def log_step(cfg: Config, out: dict, sample: tuple, bar, metrics_path: Path) -> None:
-    """Rank 0: a row of metrics.jsonl, the progress bar, and every --sample-every steps one response."""
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(out) + "\n")
+def log_step(cfg: Config, out: dict, sample: tuple, bar) -> None:
+    """Rank 0: the progress bar, and every --sample-every steps one response."""
     bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
                      "sim": f"{out.get('reward/similarity', 0):.2f}", "len": f"{out['response/length']:.0f}"})
     if cfg.sample_every and out["step"] % cfg.sample_every == 0:
@@ -677,55 +676,34 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     if cfg.batch_size % world:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     ckpt = distributed.latest_checkpoint(run) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and cfg.stage == "rl":
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
     m = load_models(cfg, student, disc_path, ckpt, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    state = RunState()
-    if ckpt:
-        state = RunState(**distributed.load_checkpoint(ckpt, m.trained(), gen))
-    elif eval_rows:
-        state.val_start = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
+    loop = distributed.Loop(run, cfg.steps, m.trained(), gen, ckpt, save_every=cfg.save_every,
+                            keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped, name="step")
+    notes = loop.progress.notes
+    if not ckpt and eval_rows:
+        notes["val_start"] = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
         if rank == 0:
-            print(f"val accuracy before RL: {evaluate.format_report(state.val_start)}", flush=True)
-    metrics_path = run / "metrics.jsonl"
-    if rank == 0:  # a resumed run keeps only the rows up to its checkpoint
-        old = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
-        kept = [line for line in old if metrics_step(line) <= state.step]  # a torn last line: dropped
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    distributed.catch_sigterm()
-    bar = tqdm(range(state.step, cfg.steps), desc=cfg.algo, disable=rank != 0, initial=state.step,
-               total=cfg.steps)
+            print(f"val accuracy before RL: {evaluate.format_report(notes['val_start'])}", flush=True)
+    bar = tqdm(loop, desc=cfg.algo, disable=rank != 0, initial=loop.progress.step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         batch = step_rows(rows, step, cfg.batch_size, cfg.seed, rank, world)
         out = rl_step(cfg, step, batch, m, names, gen)
-        state.step = step + 1
-        state.skipped += out["policy/skipped"]
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if out["policy/skipped"] else 0
-        if state.skipped_in_a_row >= cfg.max_skipped:  # stop, don't limp: the last good checkpoint stays
-            raise SystemExit(f"step {step + 1}: {state.skipped_in_a_row} policy updates in a row had a "
-                             "non-finite loss or gradient and were skipped "
-                             f"(--max-skipped {cfg.max_skipped}); skipped updates leave the weights as they "
-                             "were, so the last checkpoint is good: lower --lr, or look at the data")
+        if out is None:                              # stopped mid-step: the loop saves the step before
+            continue
         sample = out.pop("_sample")
-        out = {"step": step + 1, **{k: v for k, v in out.items() if v is not None},
-               "time/step": time.time() - t0}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows:
+        out = {k: v for k, v in out.items() if v is not None} | {"time/step": time.time() - t0}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows and not distributed.stop_requested():
             report = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
             out["eval/accuracy"] = report["accuracy"]
+        loop.done(out["policy/skipped"], out)          # stops after --max-skipped skipped updates in a row
         if rank == 0:
-            log_step(cfg, out, sample, bar, metrics_path)
-        stopping = distributed.stop_requested()
-        if step + 1 == cfg.steps or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            distributed.save_checkpoint(run, step + 1, m.trained(), dataclasses.asdict(state), gen,
-                                        keep=cfg.keep_checkpoints)
-        if stopping:
-            if rank == 0:
-                print(f"SIGTERM: saved step {step + 1} and stopped", flush=True)
-            sys.exit(0)
-    summary = final_reports(cfg, m, student, state, rows, eval_rows)
-    return summary | {"skipped_steps": state.skipped, "config": dataclasses.asdict(cfg)}
+            log_step(cfg, {"step": step + 1} | out, sample, bar)
+    summary = final_reports(cfg, m, student, notes.get("val_start"), rows, eval_rows)
+    return summary | {"skipped_steps": loop.progress.skipped, "config": dataclasses.asdict(cfg)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -746,6 +724,11 @@ def ensure_embedded(cfg: Config, rank: int) -> Config:
                                sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
 
 
+# what each stage writes in runs/<name> (SFT and D's pre-training: their checkpoints and metrics.jsonl)
+WRITES = {"sft": ("sft-stage",), "disc": ("disc-stage",), "rl": ("metrics.jsonl", "summary.json", "checkpoints")}
+WRITES["all"] = WRITES["sft"] + WRITES["disc"] + WRITES["rl"]
+
+
 def main(argv=None) -> None:
     cfg = parse_config(argv)
     rank, world, device = distributed.setup()
@@ -753,15 +736,19 @@ def main(argv=None) -> None:
     t0 = time.time()
     cfg = ensure_embedded(cfg, rank)
     run = Path(cfg.out_dir) / cfg.name
-    used = any((run / f).exists() for f in ("metrics.jsonl", "summary.json", "checkpoints"))
-    if used and cfg.stage in ("all", "rl") and not (cfg.resume or cfg.overwrite):
+    used = any((run / f).exists() for f in WRITES[cfg.stage])
+    if used and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"{run} already holds a run: --resume continues it, --overwrite starts it again, "
                          "--name NAME starts another")
     if rank == 0:
         try:  # before any work: a folder that cannot be written fails now, not after training
             run.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite and not cfg.resume:
-                shutil.rmtree(run / "checkpoints", ignore_errors=True)
+                for f in WRITES[cfg.stage]:
+                    if (run / f).is_dir():
+                        shutil.rmtree(run / f)
+                    else:
+                        (run / f).unlink(missing_ok=True)
             (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         except OSError as e:
             raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write the run folder {run}: {e}") from None
@@ -770,7 +757,7 @@ def main(argv=None) -> None:
         student = str(TINY_DIR / "tiny-sft")
         built = (Path(student) / "config.json").exists()
         if cfg.stage == "sft" or (cfg.stage == "all" and not built):
-            sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), device, rank)
+            sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), run / "sft-stage", device, rank)
         elif not built:
             raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                              "(or the whole pipeline) first")
@@ -778,7 +765,7 @@ def main(argv=None) -> None:
         suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
         disc = disc or str(TINY_DIR / f"tiny-disc{suffix}")
     elif cfg.stage == "sft":
-        sft(cfg, cfg.student, run / "sft", device, rank)
+        sft(cfg, cfg.student, run / "sft", run / "sft-stage", device, rank)
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
     have_disc = bool(disc) and (Path(disc) / "config.json").exists()
     rebuild = False
@@ -794,7 +781,7 @@ def main(argv=None) -> None:
             print(f"{disc}: {why}: pre-training it again", flush=True)
     if needs_disc and (rebuild or cfg.stage == "disc" or not have_disc):
         disc = disc or str(run / "discriminator")
-        pretrain_discriminator(cfg, student, Path(disc), device, rank)
+        pretrain_discriminator(cfg, student, Path(disc), run / "disc-stage", device, rank)
     if cfg.stage in ("all", "rl"):
         summary = train_rl(cfg, student, disc, run, device, rank)
         summary["wall_clock_s"] = time.time() - t0

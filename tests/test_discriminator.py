@@ -224,6 +224,7 @@ sd = get_model_state_dict(d, options=StateDictOptions(full_state_dict=True, cpu_
 if rank == 0:
     d.save_pretrained(out, state_dict=sd)
     json.dump({"stats": stats, "p": p.tolist()}, open(out + "/result.json", "w"))
+dist.barrier()  # gloo aborts a rank that tears down while its peer is still working
 dist.destroy_process_group()
 '''
 

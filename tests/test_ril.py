@@ -159,7 +159,7 @@ def test_sft_visits_every_row_once_per_epoch(tiny_student, embedded, tmp_path, m
     cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"),
                             "--stage", "sft", "--sft-steps", "25", "--sft-batch-size", "8",
                             "--sft-micro-batch", "3"])
-    ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
+    ril.sft(cfg, str(tiny_student), tmp_path / "sft", tmp_path / "sft-stage", torch.device("cpu"), rank=0)
     rows = [json.loads(line) for line in open(embedded / "sft.jsonl")]
     assert sorted(seen) == sorted(r["question"] for r in rows)
 
@@ -174,7 +174,7 @@ def test_saved_student_generates_like_the_sampler(tiny_student, embedded, tmp_pa
     cfg = ril.parse_config(["--student", str(tiny_student), "--sft-data", str(embedded / "sft.jsonl"),
                             "--stage", "sft", "--sft-steps", "2", "--sft-batch-size", "4",
                             "--max-new-tokens", "16"])
-    ril.sft(cfg, str(tiny_student), tmp_path / "sft", torch.device("cpu"), rank=0)
+    ril.sft(cfg, str(tiny_student), tmp_path / "sft", tmp_path / "sft-stage", torch.device("cpu"), rank=0)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sft").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "sft")
     ip = AutoImageProcessor.from_pretrained(tmp_path / "sft")
@@ -262,18 +262,25 @@ def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embed
     """--teachers methodical: the discriminator is pre-trained on that teacher's cached responses only (all 4
     per question) and records it."""
     import discriminator
-    seen = {}
+    seen = {"teacher": []}
+    draw = discriminator.pretrain_batch
 
-    def fake_pretrain(disc, opt, tok, student_texts, teacher_texts, **kw):
-        seen["teacher"] = teacher_texts
-        return {"steps": 0, "seconds": 0.0, "accuracy": 0.0}
-    monkeypatch.setattr(discriminator, "pretrain", fake_pretrain)
+    def counting_draw(n_student, n_teacher, *args):
+        seen["n_teacher"] = n_teacher
+        return draw(n_student, n_teacher, *args)
+
+    def fake_update(disc, opt, tok, student_texts, teacher_texts, *args, **kw):
+        seen["teacher"] += teacher_texts
+        return {"skipped": 0, "loss": 0.0, "accuracy": 0.0}
+    monkeypatch.setattr(discriminator, "pretrain_batch", counting_draw)
+    monkeypatch.setattr(discriminator, "update", fake_update)
     cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
                             "--teachers", "methodical", "--disc-questions", "6", "--disc-samples", "1",
-                            "--max-new-tokens", "8"])
-    ril.pretrain_discriminator(cfg, str(tiny_student), tmp_path / "disc", torch.device("cpu"), rank=0)
-    assert len(seen["teacher"]) == 6 * 4 and all(t.startswith(("Let me look", "First I list", "Step 1"))
-                                                 for t in seen["teacher"])  # the methodical teacher's openers
+                            "--max-new-tokens", "8", "--disc-steps", "3", "--disc-batch-size", "8"])
+    ril.pretrain_discriminator(cfg, str(tiny_student), tmp_path / "disc", tmp_path / "disc-stage",
+                               torch.device("cpu"), rank=0)
+    assert seen["n_teacher"] == 6 * 4 and len(seen["teacher"]) == 3 * 4
+    assert all(t.startswith(("Let me look", "First I list", "Step 1")) for t in seen["teacher"])  # methodical
     assert json.loads((tmp_path / "disc" / ril.ORIGIN).read_text())["teachers"] == ["methodical"]
 
 
@@ -304,8 +311,8 @@ def test_checkpoints_are_pruned_and_resume_checks_the_process_count(tmp_path):
     (latest / "rng-rank1.pt").write_bytes((latest / "rng-rank0.pt").read_bytes())
     with pytest.raises(SystemExit, match="saved by 2 processes: resume it with --nproc_per_node=2"):
         distributed.load_checkpoint(latest, {}, gen)
-    assert ril.metrics_step('{"step": 3, "x": 1}') == 3
-    assert ril.metrics_step('{"step": 4, "rew') == float("inf")
+    assert distributed.metrics_step('{"step": 3, "x": 1}') == 3
+    assert distributed.metrics_step('{"step": 4, "rew') == float("inf")
 
 
 def test_a_run_whose_updates_keep_failing_stops(tiny_student, embedded, tmp_path, monkeypatch, one_thread):
@@ -319,6 +326,6 @@ def test_a_run_whose_updates_keep_failing_stops(tiny_student, embedded, tmp_path
             "--out-dir", str(tmp_path), "--algo", "drgrpo", "--stage", "rl", "--steps", "10",
             "--max-skipped", "3", "--save-every", "1",
             "--beta", "0", "--sample-every", "0"]
-    with pytest.raises(SystemExit, match="3 policy updates in a row had a non-finite") as e:
+    with pytest.raises(SystemExit, match="3 updates in a row had a non-finite") as e:
         ril.main(args)
     assert e.value.code != 0 and not (tmp_path / "ril" / "checkpoints" / "step-3").exists()
