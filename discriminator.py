@@ -11,9 +11,13 @@
 - `pretrain` over cached (student, teacher) responses (`pretrain_batch`: step k's draw), and `update`, the
   mu = 1 per-batch step inside the RL loop (Algorithm 2, step 3). Both work on a plain module or one
   sharded with FSDP2 under torchrun.
+- `record_origin` / `origin_mismatch`: the student and teachers a pre-trained D belongs to, so that a run
+  never uses a D pre-trained for another student or other teachers.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 SYSTEM = ("You are a discriminator. Say who wrote the response inside <response></response>: "
           "the teacher (0) or the student (1).")
 HEAD_FILE = "discriminator_head.safetensors"
+ORIGIN = "pretrained_from.json"  # beside its weights: the student and teachers D learnt to tell apart
 
 
 class Discriminator(nn.Module):
@@ -296,3 +301,37 @@ def evaluate(disc: Discriminator, tokenizer, student_texts: list[str], teacher_t
     acc_t = (pt < 0.5).float().mean().item()
     return {"accuracy": 0.5 * (acc_s + acc_t), "acc_student": acc_s, "acc_teacher": acc_t,
             "p_student": ps.mean().item(), "p_teacher": pt.mean().item()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Provenance: which student and teachers a pre-trained D belongs to
+
+
+def fingerprint(checkpoint: str | Path) -> str:
+    """sha256 of a checkpoint's weight files: which weights, not which folder."""
+    h = hashlib.sha256()
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def record_origin(disc_dir: str | Path, student: str | Path, teachers: list[str]) -> None:
+    """Write beside D's weights the student it was built from and the teachers it saw."""
+    origin = {"student": fingerprint(student), "teachers": sorted(teachers)}
+    (Path(disc_dir) / ORIGIN).write_text(json.dumps(origin))
+
+
+def origin_mismatch(disc_dir: str | Path, student: str | Path, teachers: list[str]) -> str | None:
+    """Why the D in `disc_dir` does not belong to a run of `student` imitating `teachers` (another student,
+    e.g. after a new SFT, or other teachers), or None. A D without a record cannot be checked: None."""
+    record = Path(disc_dir) / ORIGIN
+    if not record.exists():
+        return None
+    origin = json.loads(record.read_text())
+    if origin["teachers"] != sorted(teachers):
+        return f"it was pre-trained on the teachers {origin['teachers']}, this run imitates {sorted(teachers)}"
+    if origin["student"] != fingerprint(student):
+        return f"it was pre-trained from another student than {student} (a new SFT run?)"
+    return None

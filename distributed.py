@@ -16,7 +16,6 @@ checkpoints and SIGTERM. Nothing here is RIL: ril.py calls these by name (`distr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -195,14 +194,24 @@ def save_pretrained(module, path: Path, *extras) -> None:
 # Checkpoints: atomic, resumable
 
 
-def fingerprint(checkpoint: str | Path) -> str:
-    """sha256 of a checkpoint's weight files: which weights, not which folder."""
-    h = hashlib.sha256()
-    for f in sorted(Path(checkpoint).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def prepare_run(run: Path, writes: tuple[str, ...], resume: bool, overwrite: bool, config: dict) -> None:
+    """Before any work: refuse a run folder that holds what this command writes (`writes`) unless resuming or
+    overwriting (which deletes it first); write config.json, so a folder that cannot be written fails now."""
+    if any((run / f).exists() for f in writes) and not (resume or overwrite):
+        raise SystemExit(f"{run} already holds a run: --resume continues it, --overwrite starts it again, "
+                         "--name NAME starts another")
+    if rank() == 0:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            for f in writes if overwrite and not resume else ():
+                if (run / f).is_dir():
+                    shutil.rmtree(run / f)
+                else:
+                    (run / f).unlink(missing_ok=True)
+            (run / "config.json").write_text(json.dumps(config, indent=1))
+        except OSError as e:
+            raise SystemExit(f"cannot write the run folder {run}: {e}") from None
+    barrier()
 
 
 def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator,

@@ -24,7 +24,6 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,29 +360,12 @@ def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> N
 # ------------------------------------------------------------------------------------------------------------
 # Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
 
-ORIGIN = "pretrained_from.json"  # beside a discriminator's weights: the student and teachers it learnt from
-
-
 def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
     """--teachers, or every teacher cached in every row; a clear message when one is missing."""
     try:
         return teacher_names(rows, cfg.teachers)
     except ValueError as e:
         raise SystemExit(f"{cfg.data}: {e}") from None
-
-
-def disc_mismatch(disc: str, student: str, names: list[str]) -> str | None:
-    """Why the discriminator in `disc` does not belong to this run (pre-trained from another student or on
-    other teachers), or None. A discriminator without a record (pre-trained elsewhere) cannot be checked."""
-    record = Path(disc) / ORIGIN
-    if not record.exists():
-        return None
-    origin = json.loads(record.read_text())
-    if origin["teachers"] != sorted(names):
-        return f"it was pre-trained on the teachers {origin['teachers']}, this run imitates {sorted(names)}"
-    if origin["student"] != distributed.fingerprint(student):
-        return f"it was pre-trained from another student than {student} (a new SFT run?)"
-    return None
 
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, device, rank: int) -> None:
@@ -434,9 +416,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
         print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank, "
               f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}", flush=True)
     distributed.publish(disc, out)
-    if rank == 0:  # which student and teachers it learnt to tell apart (disc_mismatch reads it)
-        origin = {"student": distributed.fingerprint(student), "teachers": sorted(names)}
-        (out / ORIGIN).write_text(json.dumps(origin))
+    if rank == 0:  # which student and teachers it learnt to tell apart (a later run checks them)
+        discriminator.record_origin(out, student, names)
     distributed.barrier()
 
 
@@ -736,22 +717,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     cfg = ensure_embedded(cfg, rank)
     run = Path(cfg.out_dir) / cfg.name
-    used = any((run / f).exists() for f in WRITES[cfg.stage])
-    if used and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"{run} already holds a run: --resume continues it, --overwrite starts it again, "
-                         "--name NAME starts another")
-    if rank == 0:
-        try:  # before any work: a folder that cannot be written fails now, not after training
-            run.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite and not cfg.resume:
-                for f in WRITES[cfg.stage]:
-                    if (run / f).is_dir():
-                        shutil.rmtree(run / f)
-                    else:
-                        (run / f).unlink(missing_ok=True)
-            (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        except OSError as e:
-            raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write the run folder {run}: {e}") from None
+    distributed.prepare_run(run, WRITES[cfg.stage], cfg.resume, cfg.overwrite, dataclasses.asdict(cfg))
     student, disc = cfg.student, cfg.discriminator
     if not cfg.student:  # the embedded pipeline: reuse each stage's output when it exists
         student = str(TINY_DIR / "tiny-sft")
@@ -761,7 +727,7 @@ def main(argv=None) -> None:
         elif not built:
             raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                              "(or the whole pipeline) first")
-        # one pre-trained discriminator per set of imitated teachers, rebuilt after a new SFT (disc_mismatch)
+        # one pre-trained discriminator per set of imitated teachers, rebuilt after a new SFT (origin_mismatch)
         suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
         disc = disc or str(TINY_DIR / f"tiny-disc{suffix}")
     elif cfg.stage == "sft":
@@ -772,7 +738,7 @@ def main(argv=None) -> None:
     if needs_disc and have_disc and cfg.stage != "disc":
         why = None
         if rank == 0:  # rank 0 hashes the student's weights, every rank decides
-            why = disc_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+            why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
         rebuild = distributed.all_sum(float(why is not None)) > 0
         if rebuild and cfg.discriminator:
             raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run "

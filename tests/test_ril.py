@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import discriminator
 import distributed
 import ril
 
@@ -238,11 +239,11 @@ def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
     reason."""
     common, out = small_run
     disc = common[common.index("--discriminator") + 1]
-    origin = json.loads((Path(disc) / ril.ORIGIN).read_text())
-    assert origin == {"student": distributed.fingerprint(str(tiny_student)),
+    origin = json.loads((Path(disc) / discriminator.ORIGIN).read_text())
+    assert origin == {"student": discriminator.fingerprint(str(tiny_student)),
                       "teachers": ["methodical", "reflective"]}
-    assert ril.disc_mismatch(disc, str(tiny_student), ["reflective", "methodical"]) is None
-    assert "teachers" in ril.disc_mismatch(disc, str(tiny_student), ["methodical"])
+    assert discriminator.origin_mismatch(disc, str(tiny_student), ["reflective", "methodical"]) is None
+    assert "teachers" in discriminator.origin_mismatch(disc, str(tiny_student), ["methodical"])
     new_sft = tmp_path / "new-sft"  # the same files with one weight changed: another student
     new_sft.mkdir()
     for f in Path(tiny_student).iterdir():
@@ -251,7 +252,7 @@ def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
     w["lm_head.weight"][0, 0] += 1.0
     from safetensors.torch import save_file
     save_file(w, str(new_sft / "model.safetensors"), metadata={"format": "pt"})
-    assert "another student" in ril.disc_mismatch(disc, str(new_sft), ["methodical", "reflective"])
+    assert "another student" in discriminator.origin_mismatch(disc, str(new_sft), ["methodical", "reflective"])
     args = [a if a != tiny_student else new_sft for a in common]
     p = run(args + ["--stage", "rl", "--name", "stale", "--steps", 1], check=False)
     assert p.returncode != 0 and "another student" in p.stderr and "--stage disc" in p.stderr
@@ -261,7 +262,6 @@ def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embed
                                                              one_thread):
     """--teachers methodical: the discriminator is pre-trained on that teacher's cached responses only (all 4
     per question) and records it."""
-    import discriminator
     seen = {"teacher": []}
     draw = discriminator.pretrain_batch
 
@@ -281,7 +281,7 @@ def test_single_teacher_discriminator_sees_only_that_teacher(tiny_student, embed
                                torch.device("cpu"), rank=0)
     assert seen["n_teacher"] == 6 * 4 and len(seen["teacher"]) == 3 * 4
     assert all(t.startswith(("Let me look", "First I list", "Step 1")) for t in seen["teacher"])  # methodical
-    assert json.loads((tmp_path / "disc" / ril.ORIGIN).read_text())["teachers"] == ["methodical"]
+    assert json.loads((tmp_path / "disc" / discriminator.ORIGIN).read_text())["teachers"] == ["methodical"]
 
 
 def test_a_used_run_folder_is_not_overwritten(tiny_student, embedded, tmp_path):
