@@ -77,8 +77,13 @@ def load_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"{path}: no such dataset file")
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # binary, decoded line by line, so bad bytes are reported with their line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({bad})") from None
             if not line.strip():
                 continue
             try:

@@ -169,6 +169,16 @@ def test_empty_cached_responses_load_and_are_counted(tmp_path, caplog):
     assert loaded[0]["teachers"]["t"] == ["r", " "] and "2 cached responses are empty" in caplog.text
 
 
+def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path):
+    path = _write(tmp_path, [GOOD])
+    bad = json.dumps(dict(GOOD, id="b")).encode().replace(b'"q?"', b'"q\xff?"')
+    path.write_bytes(path.read_bytes() + bad + b"\n")
+    column = bad.index(b"\xff") + 1
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: not UTF-8 (byte 0xff at column {column})"
+
+
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
     items = list(range(12))
     for step in range(7):  # 4 items a step: no batch straddles two epochs, so the ranks' shares are disjoint
