@@ -27,6 +27,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 REQUIRED = {"id": str, "question": str, "answer": str}
 OPTIONAL = {"image", "teachers", "students", "response", "kind"}
+# transformers' Qwen2-VL/Qwen2.5-VL image processor (smart_resize) rejects only an aspect ratio over this.
+MAX_ASPECT_RATIO = 200
 
 
 def _check_row(row, base: Path) -> str | None:
@@ -65,8 +67,12 @@ def _check_row(row, base: Path) -> str | None:
         try:
             with Image.open(path) as im:
                 im.verify()
+                width, height = im.size
         except Exception as e:  # PIL raises many types for a bad file
             return f"image {image!r} cannot be opened: {e}"
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            return (f"image {image!r} is {width}x{height}: an aspect ratio over {MAX_ASPECT_RATIO}, "
+                    f"which the Qwen2-VL image processor rejects")
         row["image"] = str(path)
     return None
 

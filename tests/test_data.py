@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data.build import SFT_TEACHER_STYLE, SPLITS, build
-from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
+from data.dataset import MAX_ASPECT_RATIO, load_image, load_jsonl, step_rows, teacher_names, teacher_slots
 from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
                          draw, question_text, random_scene)
 from data.teachers import TEACHERS, plain_response, teacher_response
@@ -177,6 +178,15 @@ def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path):
     with pytest.raises(ValueError) as e:
         load_jsonl(path)
     assert str(e.value) == f"{path}:2: not UTF-8 (byte 0xff at column {column})"
+
+
+def test_image_the_qwen2vl_processor_rejects_is_reported(tmp_path):
+    Image.new("RGB", (1, 2 * MAX_ASPECT_RATIO)).save(tmp_path / "thin.png")
+    Image.new("RGB", (2, 2 * MAX_ASPECT_RATIO)).save(tmp_path / "tall.png")  # ratio 200 exactly: accepted
+    path = _write(tmp_path, [dict(GOOD, image="tall.png"), dict(GOOD, id="b", image="thin.png")])
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert str(e.value).startswith(f"{path}:2: image 'thin.png' is 1x400: an aspect ratio over 200"), e.value
 
 
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
