@@ -27,6 +27,10 @@ from PIL import Image
 log = logging.getLogger(__name__)
 REQUIRED = {"id": str, "question": str, "answer": str}
 OPTIONAL = {"image", "teachers", "students", "response", "kind"}
+# A byte-level BPE token covers at least one byte and a character at most four, so a text of n characters
+# is at most 4n tokens: this bounds every sequence (and attention mask) built from a row, yet passes any
+# real benchmark question or long chain of thought.
+MAX_TEXT_CHARS = 100_000
 # transformers' Qwen2-VL/Qwen2.5-VL image processor (smart_resize) rejects only an aspect ratio over this.
 MAX_ASPECT_RATIO = 200
 
@@ -46,6 +50,9 @@ def _check_row(row, base: Path) -> str | None:
     for key in ("response", "kind"):
         if key in row and (not isinstance(row[key], str) or not row[key].strip()):
             return f"field {key!r} must be a non-empty string when present"
+    for key in ("question", "answer", "response"):
+        if len(row.get(key, "")) > MAX_TEXT_CHARS:
+            return f"field {key!r} is {len(row[key]):,} characters long (limit {MAX_TEXT_CHARS:,})"
     for field in ("teachers", "students"):
         cache = row.get(field)
         if cache is None:
@@ -57,6 +64,9 @@ def _check_row(row, base: Path) -> str | None:
                 return f"{field}[{name!r}] must be a non-empty list of responses"
             if not all(isinstance(r, str) for r in responses):
                 return f"{field}[{name!r}] must hold only strings"
+            for i, r in enumerate(responses):
+                if len(r) > MAX_TEXT_CHARS:
+                    return f"{field}[{name!r}][{i}] is {len(r):,} characters long (limit {MAX_TEXT_CHARS:,})"
     image = row.get("image")
     if image is not None:
         if not isinstance(image, str) or not image:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from data.build import SFT_TEACHER_STYLE, SPLITS, build
-from data.dataset import MAX_ASPECT_RATIO, load_image, load_jsonl, step_rows, teacher_names, teacher_slots
+from data.dataset import (MAX_ASPECT_RATIO, MAX_TEXT_CHARS, load_image, load_jsonl, step_rows, teacher_names,
+                          teacher_slots)
 from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
                          draw, question_text, random_scene)
 from data.teachers import TEACHERS, plain_response, teacher_response
@@ -187,6 +188,17 @@ def test_image_the_qwen2vl_processor_rejects_is_reported(tmp_path):
     with pytest.raises(ValueError) as e:
         load_jsonl(path)
     assert str(e.value).startswith(f"{path}:2: image 'thin.png' is 1x400: an aspect ratio over 200"), e.value
+
+
+def test_over_long_texts_are_rejected_with_their_field(tmp_path):
+    long = "x" * (MAX_TEXT_CHARS + 1)
+    for row, field in [(dict(GOOD, id="b", question=long), "field 'question'"),
+                       (dict(GOOD, id="b", response=long), "field 'response'"),
+                       (dict(GOOD, id="b", students={"s": ["ok", long]}), "students['s'][1]")]:
+        path = _write(tmp_path, [dict(GOOD, question=long[1:]), row])  # exactly the limit: accepted
+        with pytest.raises(ValueError) as e:
+            load_jsonl(path)
+        assert str(e.value) == f"{path}:2: {field} is 100,001 characters long (limit 100,000)"
 
 
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
