@@ -181,12 +181,20 @@ def step_rows(items: list, step: int, per_step: int, seed: int, rank: int = 0, w
 
 
 def teacher_names(rows: list[dict], wanted: str = "") -> list[str]:
-    """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in every row."""
-    have = set.intersection(*(set(r.get("teachers", {})) for r in rows))
-    names = [t for t in wanted.split(",") if t] if wanted else sorted(have)
+    """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in any row. Each must be
+    cached in every row: a teacher some rows lack raises ValueError rather than silently leaving the run."""
+    cached = [set(r.get("teachers", {})) for r in rows]
+    have = set.intersection(*cached)
+    names = [t for t in wanted.split(",") if t] if wanted else sorted(set.union(*cached))
     missing = [t for t in names if t not in have]
-    if not names or missing:
-        raise ValueError(f"teachers {missing or names} are not cached in every row (have {sorted(have)})")
+    if not names:
+        raise ValueError("no teacher responses are cached in the rows")
+    if missing:
+        lacking = [r["id"] for r, c in zip(rows, cached) if missing[0] not in c]
+        hint = "" if wanted else "; name the teachers to imitate (--teachers) to leave it out"
+        raise ValueError(f"teachers {missing} are not cached in every row (have {sorted(have)}): "
+                         f"{len(lacking)} of {len(rows)} rows lack {missing[0]!r}, the first is id "
+                         f"{lacking[0]!r}{hint}")
     return names
 
 

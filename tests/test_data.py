@@ -201,6 +201,17 @@ def test_over_long_texts_are_rejected_with_their_field(tmp_path):
         assert str(e.value) == f"{path}:2: {field} is 100,001 characters long (limit 100,000)"
 
 
+def test_a_teacher_some_rows_lack_is_an_error_unless_left_out_explicitly():
+    rows = [{"id": "a", "teachers": {"t": ["x"], "u": ["y"]}}, {"id": "b", "teachers": {"t": ["x"]}},
+            {"id": "c", "teachers": {"t": ["x"]}}]
+    want = r"teachers \['u'\] are not cached in every row .*: 2 of 3 rows lack 'u', the first is id 'b'"
+    with pytest.raises(ValueError, match=want):
+        teacher_names(rows)
+    assert teacher_names(rows, "t") == ["t"]
+    with pytest.raises(ValueError, match="2 of 3 rows lack 'u'"):
+        teacher_names(rows, "t,u")
+
+
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
     items = list(range(12))
     for step in range(7):  # 4 items a step: no batch straddles two epochs, so the ranks' shares are disjoint
@@ -214,12 +225,12 @@ def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
 
 
 def test_teacher_slots_round_robin_without_replacement():
-    row = {"teachers": {"a": ["a1", "a2", "a3"], "b": ["b1"], "c": ["c1"]}}
+    row = {"id": "r", "teachers": {"a": ["a1", "a2", "a3"], "b": ["b1"], "c": ["c1"]}}
     slots = teacher_slots(row, ["a", "b"], 4, random.Random(0))
     assert [s[0] for s in slots] == ["a", "b", "a", "b"]
     assert slots[0] != slots[2] and slots[1] == slots[3] == "b1"  # a pool is reused only once it is used up
     assert sorted(teacher_slots(row, ["a"], 3, random.Random(1))) == ["a1", "a2", "a3"]
-    assert teacher_names([row, {"teachers": {"a": ["x"], "b": ["y"]}}]) == ["a", "b"]  # cached in every row
+    assert teacher_names([row, {"teachers": {"a": ["x"], "b": ["y"], "c": ["z"]}}]) == ["a", "b", "c"]
     assert teacher_names([row], "c,a") == ["c", "a"]
     with pytest.raises(ValueError, match=r"\['d'\] are not cached"):
         teacher_names([row], "a,d")
