@@ -255,6 +255,12 @@ def default_train_data(data: str | Path) -> Path | None:
 
 def evaluate_checkpoint(args) -> dict:
     """The three MAYE decoding settings on one checkpoint and one dataset; prints a table, writes JSON."""
+    if args.out:  # fail now, before transformers loads, rather than after all the work
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            open(args.out, "a").close()
+        except OSError as e:
+            raise SystemExit(f"--out {args.out}: cannot write: {e}") from None
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -297,7 +303,6 @@ def evaluate_checkpoint(args) -> dict:
     report = {"model": str(args.model), "data": str(args.data), "n_questions": len(rows), "summary": summary,
               "greedy": greedy, "args": vars(args), "settings": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {args.out}")
     return report
