@@ -5,13 +5,10 @@ run comparison tables with paired intervals, and plots.
     python evaluate.py --model CKPT --data DATA.jsonl --discriminator CKPT_D    # + teacher-likeness
     python evaluate.py --compare runs/ril-s0 runs/ril-s1 runs/drgrpo-s0 --plot curves.png
 
-Evaluation follows MAYE's scheme (arXiv 2504.02587): pass@1 greedy, pass@k sampled (k=8, T=1.0), pass@1 at
-T=0.6; response length in tokens; the share of responses with a parsable final answer; and MAYE's five
-reflection metrics. Every accuracy comes with its n, a 95% Wilson interval, chance and the blind baseline (the
-training split's most common answer for the question's text: what a student that never looks at the picture
-gets), overall and per question kind (`accuracy_report`). `evaluate_model` and `accuracy_report` are also what
-ril.py calls, so a number means the same thing in the training log and in this script's table. Comparisons of
-runs give the difference in test accuracy with a 95% paired bootstrap interval (`paired_bootstrap`).
+MAYE's scheme (arXiv 2504.02587): pass@1 greedy, pass@k sampled (k=8, T=1.0), pass@1 at T=0.6, response
+length in tokens, the share of parsable final answers and five reflection metrics. Every accuracy comes with
+n, a 95% Wilson interval, chance and the blind baseline, overall and per kind; ril.py calls the same
+functions, so a number means the same in its log and here. Runs are compared with paired 95% intervals.
 """
 from __future__ import annotations
 
@@ -42,42 +39,30 @@ REFLECTION_ALTERNATIVES = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in 
 REFLECTION_RE = re.compile(r"(?<![\w-])(?:" + REFLECTION_ALTERNATIVES + r")(?![\w-])", re.IGNORECASE)
 CURVES = ["reward/answer", "reward/similarity", "eval/accuracy", "response/length", "policy/kl"]  # --plot
 
-
-# -----------------------------------------------------------------------------
-# metrics
-
+# ---- Metrics -----------------------------------------------------------------------------------------------
 def is_reflective(text: str) -> bool:
     """Whether a response holds at least one reflection word (whole-word match)."""
     return REFLECTION_RE.search(text) is not None
 
-
-def ratio(num: float, den: float) -> float:
-    """num / den, and 0.0 when den == 0 (an empty set has no reflective / correct members to count)."""
-    return num / den if den else 0.0
-
-
 def reflection_metrics(responses: list[str], correct: list[float]) -> dict:
-    """MAYE's five reflection metrics. N responses, N+ correct, N_ref reflective, N_ref+ both.
-    A ratio whose denominator is 0 is reported as 0.0 (never NaN)."""
+    """MAYE's five reflection metrics. N responses, N+ correct, N_ref reflective, N_ref+ both. A ratio whose
+    denominator is 0 is reported as 0.0 (never NaN)."""
     assert len(responses) == len(correct), (len(responses), len(correct))
     ref = [is_reflective(r) for r in responses]
     ok = [c > 0.5 for c in correct]
     n, n_pos, n_ref = len(ref), sum(ok), sum(ref)
     n_ref_pos = sum(r and c for r, c in zip(ref, ok))
-    return {
-        "reflection_ratio": ratio(n_ref, n),                                  # N_ref / N
-        "reflection_ratio_correct": ratio(n_ref_pos, n_pos),                  # N_ref+ / N+
-        "reflection_ratio_incorrect": ratio(n_ref - n_ref_pos, n - n_pos),    # (N_ref - N_ref+) / (N - N+)
-        "accuracy_reflective": ratio(n_ref_pos, n_ref),                       # N_ref+ / N_ref
-        "accuracy_non_reflective": ratio(n_pos - n_ref_pos, n - n_ref),       # (N+ - N_ref+) / (N - N_ref)
-    }
-
+    fractions = {"reflection_ratio": (n_ref, n),                                # N_ref / N
+                 "reflection_ratio_correct": (n_ref_pos, n_pos),                # N_ref+ / N+
+                 "reflection_ratio_incorrect": (n_ref - n_ref_pos, n - n_pos),  # (N_ref - N_ref+) / (N - N+)
+                 "accuracy_reflective": (n_ref_pos, n_ref),                     # N_ref+ / N_ref
+                 "accuracy_non_reflective": (n_pos - n_ref_pos, n - n_ref)}     # (N+ - N_ref+) / (N - N_ref)
+    return {name: num / den if den else 0.0 for name, (num, den) in fractions.items()}
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
     assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # math.comb is 0 when n - c < k
-
 
 def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k / n (good near 0 and 1, unlike the normal one)."""
@@ -88,13 +73,10 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (max(0.0, centre - half), min(1.0, centre + half))
 
-
 def accuracy_report(correct: list[float], rows: list[dict], train_rows: list[dict] | None = None) -> dict:
-    """Accuracy of per-row correctness `correct` (0/1, one per row) with what it must be read against: n, the
-    95% Wilson interval, and, given the training split's rows, chance (one over the kind's answer count)
-    and the blind baseline (its most common answer for the question's text) with their intervals; the same
-    per `kind`. `correct` is kept, so two runs on the same rows can be compared question by question
-    (paired_bootstrap)."""
+    """Accuracy of `correct` (0/1, one per row) with n and a 95% Wilson interval; given the training split's
+    rows, also chance (one over the kind's answer count) and the blind baseline (its most common answer for
+    the question's text) with its interval; the same per `kind`. `correct` is kept for paired_bootstrap."""
     assert len(correct) == len(rows), (len(correct), len(rows))
     blind = chance = None
     if train_rows:
@@ -114,11 +96,9 @@ def accuracy_report(correct: list[float], rows: list[dict], train_rows: list[dic
     kinds = sorted({r.get("kind", "") for r in rows})
     report = summary(list(range(len(rows))))
     if kinds != [""]:
-        report["per_kind"] = {}
-        for kd in kinds:
-            report["per_kind"][kd] = summary([i for i, r in enumerate(rows) if r.get("kind", "") == kd])
+        report["per_kind"] = {kd: summary([i for i, r in enumerate(rows) if r.get("kind", "") == kd])
+                              for kd in kinds}
     return report | {"correct": [float(c) for c in correct]}
-
 
 def format_report(report: dict) -> str:
     """'0.412 [0.382, 0.443], n=1000; chance 0.351, blind 0.340 [0.311, 0.370]' (blind parts if known)."""
@@ -129,14 +109,11 @@ def format_report(report: dict) -> str:
         text += f"; chance {report['chance']:.3f}, blind {report['blind']:.3f} [{blo:.3f}, {bhi:.3f}]"
     return text
 
-
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], n_boot: int = 10_000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Difference in mean accuracy a - b and its 95% paired bootstrap interval. a, b: per-question correctness
-    [seeds][questions] of two configurations on the same questions (seed counts may differ). Each resample
-    draws the questions (the same ones for both: paired) and, for each configuration, its seeds, with
-    replacement.
-
+    [seeds][questions] of two configurations on the same questions (seed counts may differ); each resample
+    draws the questions (the same for both: paired) and each configuration's seeds, with replacement.
         paired_bootstrap([[1, 1, 0, 1]], [[1, 0, 0, 1]])  ->  (0.25, 0.0, 0.75)"""
     A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)           # [Sa, Q], [Sb, Q]
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
@@ -152,25 +129,19 @@ def paired_bootstrap(a: list[list[float]], b: list[list[float]], n_boot: int = 1
     lo, hi = np.quantile(diffs, [0.025, 0.975])
     return float(A.mean() - B.mean()), float(lo), float(hi)
 
-
 def format_difference(diff: float, lo: float, hi: float) -> str:
     """'+0.052 [+0.021, +0.083]', with 'not significant' when the interval covers 0."""
-    text = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-    return text + (" not significant" if lo <= 0 <= hi else "")
+    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" not significant" if lo <= 0 <= hi else "")
 
-
-# -----------------------------------------------------------------------------
-# evaluating a model
-
+# ---- Evaluating a model ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, temperature: float = 0.0,
                    num_samples: int = 1, max_new_tokens: int = 256, batch_size: int = 16, top_p: float = 1.0,
                    top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> dict:
-    """Generate num_samples responses per row and score them. temperature=0 is greedy (then use
-    num_samples=1). Returns accuracy (mean correctness over all responses = pass@1), pass@{num_samples} if
-    num_samples > 1, answer_rate, length_mean / length_std / length_max (tokens), the reflection metrics,
-    and the raw prompt-major `responses`, `correct` and `lengths` lists (row b*num_samples + j is sample j
-    of row b)."""
+    """num_samples scored responses per row (temperature=0 is greedy: then num_samples=1). Returns accuracy
+    (pass@1 over all responses), pass@{num_samples} if num_samples > 1, answer_rate, length_mean / _std / _max
+    (tokens), the reflection metrics and the prompt-major lists `responses`, `correct` and `lengths` (entry
+    b*num_samples + j is sample j of row b)."""
     if not rows:
         raise ValueError("evaluate_model: no rows to evaluate")
     was_training = model.training
@@ -190,25 +161,20 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
         responses += [tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True) for j in range(len(ids))]
         lengths += mask.sum(1).tolist()
     model.train(was_training)
-
     answers = [r["answer"] for r in rows for _ in range(num_samples)]  # prompt-major, like the responses
     correct = [float(rewards.answer_reward(text, ans)) for text, ans in zip(responses, answers)]
     length = torch.tensor(lengths, dtype=torch.float)
-    result = {
-        "accuracy": sum(correct) / len(correct),
-        "answer_rate": sum(rewards.extract_answer(t) is not None for t in responses) / len(responses),
-        "length_mean": length.mean().item(),
-        "length_std": length.std(correction=0).item(),  # population std over responses
-        "length_max": int(length.max().item()),
-    }
+    result = {"accuracy": sum(correct) / len(correct),
+              "answer_rate": sum(rewards.extract_answer(t) is not None for t in responses) / len(responses),
+              "length_mean": length.mean().item(),
+              "length_std": length.std(correction=0).item(),  # population std over responses
+              "length_max": int(length.max().item())}
     if num_samples > 1:
         per_question = [sum(correct[b * num_samples:(b + 1) * num_samples]) for b in range(len(rows))]
         result[f"pass@{num_samples}"] = statistics.fmean(pass_at_k(num_samples, round(c), num_samples)
                                                          for c in per_question)
     result |= reflection_metrics(responses, correct)
-    result |= {"responses": responses, "correct": correct, "lengths": lengths}
-    return result
-
+    return result | {"responses": responses, "correct": correct, "lengths": lengths}
 
 def held_out(model, tokenizer, image_processor, rows: list[dict], train_rows: list[dict],
              max_new_tokens: int) -> dict:
@@ -224,15 +190,6 @@ def held_out(model, tokenizer, image_processor, rows: list[dict], train_rows: li
     correct = distributed.all_gather_list(res["correct"][:n_real])      # in row order: rank 0's rows first
     return accuracy_report(correct, rows, train_rows)
 
-
-def teacher_likeness(disc, tokenizer, responses: list[str], max_len: int, batch_size: int) -> float:
-    """Share of responses the discriminator judges teacher-like (p_student < 0.5, the r_sim rule).
-    D is built from the student, so the student's tokenizer is used."""
-    from discriminator import p_student  # imported only when asked for
-    p = p_student(disc, tokenizer, responses, max_len, batch_size)  # [N]
-    return (p < 0.5).float().mean().item()
-
-
 def print_eval_table(results: dict):
     """One markdown row per decoding setting."""
     cols = ["accuracy", "pass@k", "answer_rate", "length", "reflection_ratio", "accuracy_reflective",
@@ -246,15 +203,14 @@ def print_eval_table(results: dict):
         cells.append(f"{r['teacher_like']:.3f}" if "teacher_like" in r else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
-
-def default_train_data(data: str | Path) -> Path | None:
-    """The training split the blind baseline is computed from: train.jsonl beside the evaluated file."""
-    path = Path(data).parent / "train.jsonl"
-    return path if path.is_file() and path.resolve() != Path(data).resolve() else None
-
-
 def evaluate_checkpoint(args) -> dict:
     """The three MAYE decoding settings on one checkpoint and one dataset; prints a table, writes JSON."""
+    if args.out:  # fail now, before transformers loads, rather than after all the work
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            open(args.out, "a").close()
+        except OSError as e:
+            raise SystemExit(f"--out {args.out}: cannot write: {e}") from None
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -264,13 +220,14 @@ def evaluate_checkpoint(args) -> dict:
     rows = load_jsonl(args.data)[:args.limit]
     if not rows:
         raise SystemExit(f"{args.data}: no rows to evaluate (--limit {args.limit})")
-    train_data = args.train_data or default_train_data(args.data)
+    beside = Path(args.data).parent / "train.jsonl"  # the default split for chance and the blind baseline
+    train_data = args.train_data or (beside if beside.is_file() and not beside.samefile(args.data) else None)
     train_rows = load_jsonl(train_data) if train_data else None
     # the response cap the student was trained with (ril.py writes it into generation_config.json)
     max_new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens or 1024
     disc = None
     if args.discriminator:
-        from discriminator import Discriminator
+        from discriminator import Discriminator, p_student
         disc = Discriminator.from_pretrained(args.discriminator, dtype=dtype).to(device).eval()
     generator = torch.Generator(device).manual_seed(args.seed)
     settings = {"greedy": dict(temperature=0.0, num_samples=1),
@@ -278,12 +235,13 @@ def evaluate_checkpoint(args) -> dict:
                 "T=0.6": dict(temperature=0.6, num_samples=1)}
     results = {}
     for name, kw in settings.items():
-        results[name] = evaluate_model(model, tokenizer, image_processor, rows, max_new_tokens=max_new_tokens,
-                                       batch_size=args.batch_size, top_p=args.top_p, generator=generator,
-                                       progress=True, **kw)
-        if disc is not None:
-            results[name]["teacher_like"] = teacher_likeness(disc, tokenizer, results[name]["responses"],
-                                                             args.disc_max_len, args.batch_size)
+        res = evaluate_model(model, tokenizer, image_processor, rows, max_new_tokens=max_new_tokens,
+                             batch_size=args.batch_size, top_p=args.top_p, generator=generator, progress=True,
+                             **kw)
+        if disc is not None:  # teacher-like: p_student < 0.5, the r_sim rule (D reads the student's tokens)
+            p = p_student(disc, tokenizer, res["responses"], args.disc_max_len, args.batch_size)  # [N]
+            res["teacher_like"] = (p < 0.5).float().mean().item()
+        results[name] = res
     greedy = accuracy_report(results["greedy"]["correct"], rows, train_rows)
     print(f"{args.model} on {args.data} ({len(rows)} questions, at most {max_new_tokens} new tokens)")
     print_eval_table(results)
@@ -297,15 +255,11 @@ def evaluate_checkpoint(args) -> dict:
     report = {"model": str(args.model), "data": str(args.data), "n_questions": len(rows), "summary": summary,
               "greedy": greedy, "args": vars(args), "settings": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {args.out}")
     return report
 
-
-# -----------------------------------------------------------------------------
-# comparing training runs
-
+# ---- Comparing training runs -------------------------------------------------------------------------------
 def load_run(path: str | Path) -> dict:
     """A run folder: its summary.json and the rows of its metrics.jsonl (none if the file is missing).
     A line that is not JSON (a run killed mid-write) is skipped and counted."""
@@ -326,53 +280,40 @@ def load_run(path: str | Path) -> dict:
         print(f"{path}/metrics.jsonl: skipped {bad} unreadable line(s)", file=sys.stderr)
     return {"path": path, "summary": summary, "config": summary.get("config", {}), "metrics": metrics}
 
-
 def config_key(config: dict) -> str:
     """What makes two runs the same configuration: the config minus seed, name and output paths."""
     ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir",
               "checkpoint_dir", "resume", "overwrite", "keep_checkpoints"}
     return json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True, default=str)
 
-
 def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
     """Runs grouped by configuration, labelled by the first run's name without its seed suffix."""
-    groups: dict[str, list[dict]] = {}
-    labels: dict[str, str] = {}
+    groups, labels = {}, {}
     for run in runs:
         key = config_key(run["config"])
         if key not in labels:
             name = str(run["config"].get("name") or run["path"].name)
             label = re.sub(r"[-_.]?(seed|s)\d+$", "", name) or name
             labels[key] = label if label not in groups else f"{label} ({len(groups) + 1})"
-            groups[labels[key]] = []
-        groups[labels[key]].append(run)
+        groups.setdefault(labels[key], []).append(run)
     return groups
-
 
 def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one key, from the rows that log it as a finite number (None, NaN left out)."""
     return [(int(r.get("step", i)), float(r[key])) for i, r in enumerate(metrics)
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
-
-def fmt(x: float) -> str:
-    """3 decimals, or scientific notation for small numbers such as a KL of 1e-4."""
-    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.1e}"
-
-
 def mean_std(values: list[float]) -> str:
-    """'mean ± std' (sample std over seeds), just the value for one seed, '–' for none."""
+    """'mean ± std' (sample std over seeds), just the value for one seed, '–' for none; each number with 3
+    decimals, or in scientific notation when small (a KL of 1e-4)."""
     if not values:
         return "–"
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
-
+    numbers = [statistics.fmean(values)] + ([statistics.stdev(values)] if len(values) > 1 else [])
+    return " ± ".join(f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.1e}" for x in numbers)
 
 def final_correct(run: dict, split: str = "test", which: str = "final") -> list[float] | None:
     """Per-question correctness of a run's student (`final` or `start`) on a split, from its summary.json."""
     return ((run["summary"].get(split) or {}).get(which) or {}).get("correct")
-
 
 def add_gains(summary: dict) -> dict:
     """For each split of a run summary with a start and a final report: final - start, paired 95% interval."""
@@ -382,7 +323,6 @@ def add_gains(summary: dict) -> dict:
             diff, lo, hi = paired_bootstrap([part["final"]["correct"]], [part["start"]["correct"]])
             part["gain"] = {"diff": diff, "ci95": [lo, hi]}
     return summary
-
 
 def print_run_summary(summary: dict) -> None:
     """The accuracies of a run's summary.json, one line each, and the gains."""
@@ -396,14 +336,11 @@ def print_run_summary(summary: dict) -> None:
             diff = format_difference(split["gain"]["diff"], *split["gain"]["ci95"])
             print(f"{name} gain : {diff} (final - start, paired 95% interval)", flush=True)
 
-
 def compare_table(groups: dict[str, list[dict]], reference: str | None = None, tail: int = 10) -> str:
-    """One markdown row per configuration, each number mean ± std over seeds: test accuracy of the start and
-    of the final student, the difference in final test accuracy against the `reference` configuration
-    (default: the first) with its 95% paired bootstrap interval (questions and seeds resampled; 'not
-    significant' when it covers 0), final val accuracy, the best val accuracy logged during training, and
-    final training numbers (mean of the last `tail` logged values of each run). Chance and the blind
-    baseline head the table."""
+    """Chance and the blind baseline, then one markdown row per configuration, each number mean ± std over
+    seeds: test accuracy of the start and final student, the final one's difference from the `reference`
+    configuration (default: the first) with its paired 95% interval, final val accuracy, the best logged
+    eval/accuracy, and the mean of each run's last `tail` logged values of the other CURVES."""
     reference = reference or next(iter(groups))
     if reference not in groups:
         raise SystemExit(f"--reference {reference!r}: no such configuration (have {list(groups)})")
@@ -422,19 +359,15 @@ def compare_table(groups: dict[str, list[dict]], reference: str | None = None, t
         acc = lambda split, which: [sum(c) / len(c) for r in rs if (c := final_correct(r, split, which))]
         cells = [label, str(len(rs)), mean_std(acc("test", "start")), mean_std(acc("test", "final"))]
         mine = [c for r in rs if (c := final_correct(r))]
-        if label == reference or not mine or not ref:
-            cells.append("–")
-        else:
-            cells.append(format_difference(*paired_bootstrap(mine, ref)))
-        cells.append(mean_std(acc("val", "final")))
+        comparable = label != reference and mine and ref
+        cells.append(format_difference(*paired_bootstrap(mine, ref)) if comparable else "–")
         curves = [s for r in rs if (s := series(r["metrics"], "eval/accuracy"))]
-        cells.append(mean_std([max(v for _, v in s) for s in curves]))
+        cells += [mean_std(acc("val", "final")), mean_std([max(v for _, v in s) for s in curves])]
         for k in finals:
             cells.append(mean_std([statistics.fmean(v for _, v in s[-tail:]) for r in rs
                                    if (s := series(r["metrics"], k))]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 def plot_runs(groups: dict[str, list[dict]], out: str | Path):
     """Training curves, one panel per logged key in CURVES (missing keys skipped): the mean over a group's
@@ -458,15 +391,13 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
             if not by_step:
                 continue
             steps = sorted(by_step)
-            mean = [statistics.fmean(by_step[s]) for s in steps]
+            mean = np.array([statistics.fmean(by_step[s]) for s in steps])
             # the sample std over seeds, as compare_table gives it
-            std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+            std = np.array([statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps])
             ax.plot(steps, mean, color=color[label], marker="o" if len(steps) <= 30 else None, markersize=3)
             if len(rs) > 1:
-                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=color[label], alpha=0.2, linewidth=0)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+                ax.fill_between(steps, mean - std, mean + std, color=color[label], alpha=0.2, linewidth=0)
+        ax.set(title=key, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
@@ -479,9 +410,7 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
-
-# -----------------------------------------------------------------------------
-
+# ---- Command line ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="student checkpoint (a save_pretrained folder)")
@@ -489,20 +418,17 @@ def main(argv: list[str] | None = None):
     p.add_argument("--discriminator", help="discriminator checkpoint: adds teacher-likeness (p < 0.5)")
     p.add_argument("--disc-max-len", type=int, default=1024, help="discriminator input tokens")
     p.add_argument("--out", help="where to write the JSON report")
-    p.add_argument("--train-data", help="training split for chance and the blind baseline "
-                   "(default: train.jsonl beside --data)")
+    p.add_argument("--train-data", help="split for the baselines (default: train.jsonl beside --data)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="response cap (default: the checkpoint's generation_config.json, as trained)")
+    p.add_argument("--max-new-tokens", type=int, help="response cap (default: the checkpoint's, as trained)")
     p.add_argument("--k", type=int, default=8, help="samples per question for pass@k at T=1.0")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="run folders (summary.json, metrics.jsonl)")
     p.add_argument("--plot", help="with --compare: write the training curves to this PNG")
-    p.add_argument("--reference", help="with --compare: the configuration differences are taken against "
-                   "(default: the first)")
+    p.add_argument("--reference", help="with --compare: the configuration to subtract (default: the first)")
     args = p.parse_args(argv)
     if args.plot and not args.compare:
         p.error("--plot needs --compare RUN [RUN ...]")
@@ -516,7 +442,6 @@ def main(argv: list[str] | None = None):
         evaluate_checkpoint(args)
     else:
         p.error("give --model and --data, or --compare RUN [RUN ...]")
-
 
 if __name__ == "__main__":
     main()

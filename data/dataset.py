@@ -27,6 +27,12 @@ from PIL import Image
 log = logging.getLogger(__name__)
 REQUIRED = {"id": str, "question": str, "answer": str}
 OPTIONAL = {"image", "teachers", "students", "response", "kind"}
+# A byte-level BPE token covers at least one byte and a character at most four, so a text of n characters
+# is at most 4n tokens: this bounds every sequence (and attention mask) built from a row, yet passes any
+# real benchmark question or long chain of thought.
+MAX_TEXT_CHARS = 100_000
+# transformers' Qwen2-VL/Qwen2.5-VL image processor (smart_resize) rejects only an aspect ratio over this.
+MAX_ASPECT_RATIO = 200
 
 
 def _check_row(row, base: Path) -> str | None:
@@ -44,6 +50,9 @@ def _check_row(row, base: Path) -> str | None:
     for key in ("response", "kind"):
         if key in row and (not isinstance(row[key], str) or not row[key].strip()):
             return f"field {key!r} must be a non-empty string when present"
+    for key in ("question", "answer", "response"):
+        if len(row.get(key, "")) > MAX_TEXT_CHARS:
+            return f"field {key!r} is {len(row[key]):,} characters long (limit {MAX_TEXT_CHARS:,})"
     for field in ("teachers", "students"):
         cache = row.get(field)
         if cache is None:
@@ -55,6 +64,9 @@ def _check_row(row, base: Path) -> str | None:
                 return f"{field}[{name!r}] must be a non-empty list of responses"
             if not all(isinstance(r, str) for r in responses):
                 return f"{field}[{name!r}] must hold only strings"
+            for i, r in enumerate(responses):
+                if len(r) > MAX_TEXT_CHARS:
+                    return f"{field}[{name!r}][{i}] is {len(r):,} characters long (limit {MAX_TEXT_CHARS:,})"
     image = row.get("image")
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -65,8 +77,12 @@ def _check_row(row, base: Path) -> str | None:
         try:
             with Image.open(path) as im:
                 im.verify()
+                width, height = im.size
         except Exception as e:  # PIL raises many types for a bad file
             return f"image {image!r} cannot be opened: {e}"
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            return (f"image {image!r} is {width}x{height}: an aspect ratio over {MAX_ASPECT_RATIO}, "
+                    f"which the Qwen2-VL image processor rejects")
         row["image"] = str(path)
     return None
 
@@ -77,8 +93,13 @@ def load_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"{path}: no such dataset file")
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # binary, decoded line by line, so bad bytes are reported with their line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({bad})") from None
             if not line.strip():
                 continue
             try:
@@ -160,12 +181,20 @@ def step_rows(items: list, step: int, per_step: int, seed: int, rank: int = 0, w
 
 
 def teacher_names(rows: list[dict], wanted: str = "") -> list[str]:
-    """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in every row."""
-    have = set.intersection(*(set(r.get("teachers", {})) for r in rows))
-    names = [t for t in wanted.split(",") if t] if wanted else sorted(have)
+    """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in any row. Each must be
+    cached in every row: a teacher some rows lack raises ValueError rather than silently leaving the run."""
+    cached = [set(r.get("teachers", {})) for r in rows]
+    have = set.intersection(*cached)
+    names = [t for t in wanted.split(",") if t] if wanted else sorted(set.union(*cached))
     missing = [t for t in names if t not in have]
-    if not names or missing:
-        raise ValueError(f"teachers {missing or names} are not cached in every row (have {sorted(have)})")
+    if not names:
+        raise ValueError("no teacher responses are cached in the rows")
+    if missing:
+        lacking = [r["id"] for r, c in zip(rows, cached) if missing[0] not in c]
+        hint = "" if wanted else "; name the teachers to imitate (--teachers) to leave it out"
+        raise ValueError(f"teachers {missing} are not cached in every row (have {sorted(have)}): "
+                         f"{len(lacking)} of {len(rows)} rows lack {missing[0]!r}, the first is id "
+                         f"{lacking[0]!r}{hint}")
     return names
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data.build import SFT_TEACHER_STYLE, SPLITS, build
-from data.dataset import load_image, load_jsonl, step_rows, teacher_names, teacher_slots
+from data.dataset import (MAX_ASPECT_RATIO, MAX_TEXT_CHARS, load_image, load_jsonl, step_rows, teacher_names,
+                          teacher_slots)
 from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
                          draw, question_text, random_scene)
 from data.teachers import TEACHERS, plain_response, teacher_response
@@ -169,6 +171,47 @@ def test_empty_cached_responses_load_and_are_counted(tmp_path, caplog):
     assert loaded[0]["teachers"]["t"] == ["r", " "] and "2 cached responses are empty" in caplog.text
 
 
+def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path):
+    path = _write(tmp_path, [GOOD])
+    bad = json.dumps(dict(GOOD, id="b")).encode().replace(b'"q?"', b'"q\xff?"')
+    path.write_bytes(path.read_bytes() + bad + b"\n")
+    column = bad.index(b"\xff") + 1
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: not UTF-8 (byte 0xff at column {column})"
+
+
+def test_image_the_qwen2vl_processor_rejects_is_reported(tmp_path):
+    Image.new("RGB", (1, 2 * MAX_ASPECT_RATIO)).save(tmp_path / "thin.png")
+    Image.new("RGB", (2, 2 * MAX_ASPECT_RATIO)).save(tmp_path / "tall.png")  # ratio 200 exactly: accepted
+    path = _write(tmp_path, [dict(GOOD, image="tall.png"), dict(GOOD, id="b", image="thin.png")])
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert str(e.value).startswith(f"{path}:2: image 'thin.png' is 1x400: an aspect ratio over 200"), e.value
+
+
+def test_over_long_texts_are_rejected_with_their_field(tmp_path):
+    long = "x" * (MAX_TEXT_CHARS + 1)
+    for row, field in [(dict(GOOD, id="b", question=long), "field 'question'"),
+                       (dict(GOOD, id="b", response=long), "field 'response'"),
+                       (dict(GOOD, id="b", students={"s": ["ok", long]}), "students['s'][1]")]:
+        path = _write(tmp_path, [dict(GOOD, question=long[1:]), row])  # exactly the limit: accepted
+        with pytest.raises(ValueError) as e:
+            load_jsonl(path)
+        assert str(e.value) == f"{path}:2: {field} is 100,001 characters long (limit 100,000)"
+
+
+def test_a_teacher_some_rows_lack_is_an_error_unless_left_out_explicitly():
+    rows = [{"id": "a", "teachers": {"t": ["x"], "u": ["y"]}}, {"id": "b", "teachers": {"t": ["x"]}},
+            {"id": "c", "teachers": {"t": ["x"]}}]
+    want = r"teachers \['u'\] are not cached in every row .*: 2 of 3 rows lack 'u', the first is id 'b'"
+    with pytest.raises(ValueError, match=want):
+        teacher_names(rows)
+    assert teacher_names(rows, "t") == ["t"]
+    with pytest.raises(ValueError, match="2 of 3 rows lack 'u'"):
+        teacher_names(rows, "t,u")
+
+
 def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
     items = list(range(12))
     for step in range(7):  # 4 items a step: no batch straddles two epochs, so the ranks' shares are disjoint
@@ -182,12 +225,12 @@ def test_step_rows_two_ranks_split_the_one_rank_batch_and_cover_each_epoch():
 
 
 def test_teacher_slots_round_robin_without_replacement():
-    row = {"teachers": {"a": ["a1", "a2", "a3"], "b": ["b1"], "c": ["c1"]}}
+    row = {"id": "r", "teachers": {"a": ["a1", "a2", "a3"], "b": ["b1"], "c": ["c1"]}}
     slots = teacher_slots(row, ["a", "b"], 4, random.Random(0))
     assert [s[0] for s in slots] == ["a", "b", "a", "b"]
     assert slots[0] != slots[2] and slots[1] == slots[3] == "b1"  # a pool is reused only once it is used up
     assert sorted(teacher_slots(row, ["a"], 3, random.Random(1))) == ["a1", "a2", "a3"]
-    assert teacher_names([row, {"teachers": {"a": ["x"], "b": ["y"]}}]) == ["a", "b"]  # cached in every row
+    assert teacher_names([row, {"teachers": {"a": ["x"], "b": ["y"], "c": ["z"]}}]) == ["a", "b", "c"]
     assert teacher_names([row], "c,a") == ["c", "a"]
     with pytest.raises(ValueError, match=r"\['d'\] are not cached"):
         teacher_names([row], "a,d")

@@ -243,6 +243,18 @@ def test_cli_writes_json(tiny_student, embedded, tmp_path, capsys):
         assert key in greedy
 
 
+def test_out_that_cannot_be_written_fails_before_any_model_loads(tmp_path):
+    """--out under a regular file (unwritable even for root): a SystemExit naming it, before the model and the
+    data (neither exists here, so loading either would raise something else)."""
+    parent = tmp_path / "a-file"
+    parent.write_text("")
+    out = parent / "eval.json"
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"), "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert str(e.value).startswith(f"--out {out}: cannot write: "), e.value
+
+
 # -----------------------------------------------------------------------------
 # numbers beside every accuracy: interval, chance, blind baseline, paired differences
 
