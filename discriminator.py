@@ -331,7 +331,8 @@ def origin_mismatch(disc_dir: str | Path, student: str | Path, teachers: list[st
         return None
     origin = json.loads(record.read_text())
     if origin["teachers"] != sorted(teachers):
-        return f"it was pre-trained on the teachers {origin['teachers']}, this run imitates {sorted(teachers)}"
+        return (f"it was pre-trained on the teachers {origin['teachers']}, this run imitates "
+                f"{sorted(teachers)}")
     if origin["student"] != fingerprint(student):
         return f"it was pre-trained from another student than {student} (a new SFT run?)"
     return None

@@ -385,8 +385,8 @@ class Loop:
                 save_checkpoint(self.folder, done, self.trained, asdict(self.progress), self.gen, self.keep)
             if stopping:
                 if rank() == 0:
-                    print(f"{self.folder}: stop requested (SIGTERM or the launcher is gone): saved step {done} "
-                          "and stopped; --resume continues", flush=True)
+                    print(f"{self.folder}: stop requested (SIGTERM or the launcher is gone): saved step "
+                          f"{done} and stopped; --resume continues", flush=True)
                 sys.exit(0)
 
     def done(self, skipped: int, metrics: dict | None = None) -> None:
@@ -396,10 +396,10 @@ class Loop:
         p.skipped += skipped
         p.skipped_in_a_row = p.skipped_in_a_row + 1 if skipped else 0
         if p.skipped_in_a_row >= self.max_skipped:
-            raise SystemExit(f"{self.folder}: {self.name} {p.step}: {p.skipped_in_a_row} updates in a row had a "
-                             f"non-finite loss or gradient and were skipped (--max-skipped {self.max_skipped}); "
-                             "skipped updates leave the weights as they were, so the last checkpoint is good: "
-                             "lower the learning rate, or look at the data")
+            raise SystemExit(f"{self.folder}: {self.name} {p.step}: {p.skipped_in_a_row} updates in a row had "
+                             "a non-finite loss or gradient and were skipped "
+                             f"(--max-skipped {self.max_skipped}); skipped updates leave the weights as they "
+                             "were, so the last checkpoint is good: lower the learning rate, or look at the data")
         if metrics is not None and rank() == 0:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps({"step": p.step, **metrics}) + "\n")

@@ -40,10 +40,7 @@ import rollout
 from data.build import build_missing
 from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
 
-# ------------------------------------------------------------------------------------------------------------
-# Config
-
-
+# ---- Config ------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
     # what to train ("" = the embedded world, built on the first run)
@@ -103,7 +100,6 @@ class Config:
     keep_checkpoints: int = 3      # RL checkpoints kept in runs/<name>/checkpoints (0 = all)
     max_skipped: int = 5           # stop after this many policy updates in a row skipped as non-finite
 
-
 # The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
 # learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults
 # only without --student, and only for flags not given. How they were chosen: docs/LOG.md.
@@ -116,7 +112,6 @@ TINY_DIR = Path(__file__).parent / "checkpoints"
 CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
                similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
                loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-
 
 def parse_config(argv=None) -> Config:
     """argparse built from Config; embedded defaults apply when no --student is given."""
@@ -138,9 +133,7 @@ def parse_config(argv=None) -> Config:
     check_config(cfg)
     return cfg
 
-
 TEACHER_ONLY = ("qwen3_vl_moe",)  # config.model_type of checkpoints that run as teachers only
-
 
 def check_config(cfg: Config) -> None:
     """Fail before any model loads on values that cannot run or would train silently wrong."""
@@ -188,11 +181,7 @@ def check_config(cfg: Config) -> None:
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The math: advantages and the policy loss (Eq. 2)
-
-
+# ---- The math: advantages and the policy loss (Eq. 2) ------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-6):
     """A_i = R_i - mean_j R_j within each group (Dr.GRPO); / (std_j R_j + eps) too for GRPO.
 
@@ -211,7 +200,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
         adv = adv / (std + eps)
     return adv.reshape(-1)                                              # [N]
 
-
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, norm_len: int | None = None):
     """Reduce per-token values [N, T] to a scalar; the three conventions of the RL-for-LLM literature."""
     m = mask.to(values.dtype)
@@ -222,7 +210,6 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, norm_len: int 
     if agg == "seq-mean-token-sum-norm":                                # Dr.GRPO: sum l*m / (N * norm_len)
         return (values * m).sum() / (values.shape[0] * (norm_len or values.shape[1]))
     raise ValueError(f"unknown aggregation {agg!r}")
-
 
 def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_eps=0.2, beta=0.01,
                 agg="token-mean", norm_len=None):
@@ -255,11 +242,7 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
                  "ratio_min": r_valid.min().item(), "ratio_max": r_valid.max().item()}
     return loss, stats
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Models and batches
-
-
+# ---- Models and batches ------------------------------------------------------------------------------------
 def sampler_defaults(model, tok, cfg: Config) -> None:
     """Make the student's generation_config (saved with it) describe the project's sampler, so that a saved
     student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image
@@ -275,7 +258,6 @@ def sampler_defaults(model, tok, cfg: Config) -> None:
     gc.repetition_penalty = cfg.repetition_penalty
     gc.max_new_tokens = cfg.max_new_tokens
 
-
 def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the student, the vision side (every parameter outside the language model and its head: the
     vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (the paper's)."""
@@ -287,16 +269,13 @@ def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.o
         groups.append(dict(params=vision, lr=lr * vision_lr_scale))
     return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # DTensors: else one per tensor
 
-
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
     """[n] bool: which of n responses (k per question, the G student samples first) are the student's."""
     return (torch.arange(n) % k) < g
 
-
 def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Response texts: the masked tokens of each row, special tokens dropped."""
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
-
 
 def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
     """rollout.encode_prompts of dataset rows (questions and images) for `model`'s family, on `device`."""
@@ -304,13 +283,9 @@ def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
     prompts = rollout.encode_prompts(tok, proc, questions, load_images(rows), family=model.config.model_type)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked)
-
-
+# ---- Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked) ------------------
 def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> None:
-    """Fine-tune `init` on cfg.sft_data for cfg.sft_steps (lr decays linearly to a tenth); publish it to `out`.
+    """Fine-tune `init` on cfg.sft_data for cfg.sft_steps (lr decaying linearly to a tenth); publish to `out`.
     Checkpoints, metrics.jsonl and --resume in `folder`, as in the RL stage (distributed.Loop)."""
     all_rows = load_jsonl(cfg.sft_data)
     rows = [r for r in all_rows if "response" in r]
@@ -356,17 +331,13 @@ def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> N
         bar.set_postfix(loss=f"{nll:.3f}", update=f"{stats['update']:.1e}")
     distributed.publish(model, out, tok, proc)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1)
-
+# ---- Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1) ------------
 def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
     """--teachers, or every teacher cached in every row; a clear message when one is missing."""
     try:
         return teacher_names(rows, cfg.teachers)
     except ValueError as e:
         raise SystemExit(f"{cfg.data}: {e}") from None
-
 
 def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, device, rank: int) -> None:
     """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or
@@ -401,7 +372,8 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
                             save_every=cfg.save_every, keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped,
                             name="discriminator step")
     per_rank = max(1, cfg.disc_batch_size // (2 * world))      # student and teacher texts per rank and step
-    bar = tqdm(loop, desc="discriminator", disable=rank != 0, initial=loop.progress.step, total=cfg.disc_steps)
+    bar = tqdm(loop, desc="discriminator", disable=rank != 0, initial=loop.progress.step,
+               total=cfg.disc_steps)
     stats = {"accuracy": math.nan}
     for step in bar:
         si, ti = discriminator.pretrain_batch(len(student_texts), len(teacher_texts), per_rank,
@@ -414,17 +386,14 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
     if rank == 0:
         source = "cached" if cached else "sampled"
         print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank, "
-              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}", flush=True)
+              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}",
+              flush=True)
     distributed.publish(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (a later run checks them)
         discriminator.record_origin(out, student, names)
     distributed.barrier()
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo)
-
-
+# ---- Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo) -------------------------------
 @dataclass
 class Models:
     """What the RL stage trains and reads. disc / dopt: RIL with a similarity reward; judge: --answer-reward
@@ -447,11 +416,9 @@ class Models:
             out["discriminator"] = (self.disc, self.dopt, ())
         return out
 
-
 def by_question(x: torch.Tensor, questions: int, width: int) -> torch.Tensor:
     """[questions * G, T] -> [questions, G, width], right-padded with zeros."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1])).view(questions, -1, width)
-
 
 def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
                  gen: torch.Generator):
@@ -482,7 +449,6 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: li
     mask = torch.cat([by_question(mask, b, width), by_question(t_mask, b, width)], 1).view(-1, width)
     return prompts, ids, mask, 2 * G, n_trunc
 
-
 def score_group(cfg: Config, batch: list[dict], texts: list[str], k: int, m: Models, out: dict):
     """Algorithm 2, step 4: R = r_sim + r_ans for every response (Algorithm 1: r_ans only).
     Returns (R [N], {"r_sim", "r_ans", "p_student": D(o)}), a part None when it is off."""
@@ -504,11 +470,9 @@ def score_group(cfg: Config, batch: list[dict], texts: list[str], k: int, m: Mod
     total, parts = rewards.combine_rewards(r_sim, r_ans)
     return total, parts | {"p_student": p}
 
-
 def loss_weight(cfg: Config, mask: torch.Tensor) -> float:
     """What a micro-batch counts for in the step's mean: its tokens (token-mean) or its sequences."""
     return mask.sum().item() if cfg.loss_agg == "token-mean" else float(mask.shape[0])
-
 
 def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int) -> dict:
     """Algorithm 2, step 5: mu steps of Eq. 2 over all responses (teacher ones included), in micro-batches of
@@ -550,7 +514,6 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
             "policy/ratio_max": max(x["ratio_max"] for x in stats),
             "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": step["grad_norm"],
             "policy/update": step["update"], "policy/skipped": skipped}
-
 
 def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
             gen: torch.Generator) -> dict:
@@ -594,11 +557,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
     })
     return out
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The loop
-
-
+# ---- The loop ----------------------------------------------------------------------------------------------
 def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | None, device) -> Models:
     """The policy (from the checkpoint when resuming), pi_ref, the optimizer, and D / the judge when used."""
     policy, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else student, device,
@@ -619,7 +578,6 @@ def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | N
         m.judge = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=dtype).to(device).eval()
     return m
 
-
 def final_reports(cfg: Config, m: Models, student: str, val_start: dict | None, rows, eval_rows) -> dict:
     """Validation and test accuracy of the start and of the final student (the test split is read only here),
     each beside chance and the blind baseline, and each split's gain with its paired 95% interval."""
@@ -637,7 +595,6 @@ def final_reports(cfg: Config, m: Models, student: str, val_start: dict | None, 
                            "final": evaluate.held_out(m.policy, m.tok, m.proc, test_rows, rows, n)}
     return evaluate.add_gains(summary)
 
-
 def log_step(cfg: Config, out: dict, sample: tuple, bar) -> None:
     """Rank 0: the progress bar, and every --sample-every steps one response."""
     bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
@@ -645,7 +602,6 @@ def log_step(cfg: Config, out: dict, sample: tuple, bar) -> None:
     if cfg.sample_every and out["step"] % cfg.sample_every == 0:
         question, answer, text, reward = sample
         tqdm.write(f"[step {out['step']}] Q: {question} (answer {answer})\n  -> {text!r} R={reward}")
-
 
 def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
     """The RL stage; returns the summary (final_reports, skipped steps, the config)."""
@@ -677,7 +633,8 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
             continue
         sample = out.pop("_sample")
         out = {k: v for k, v in out.items() if v is not None} | {"time/step": time.time() - t0}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows and not distributed.stop_requested():
+        due = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_rows
+        if due and not distributed.stop_requested():
             report = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
             out["eval/accuracy"] = report["accuracy"]
         loop.done(out["policy/skipped"], out)          # stops after --max-skipped skipped updates in a row
@@ -686,11 +643,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     summary = final_reports(cfg, m, student, notes.get("val_start"), rows, eval_rows)
     return summary | {"skipped_steps": loop.progress.skipped, "config": dataclasses.asdict(cfg)}
 
-
-# ------------------------------------------------------------------------------------------------------------
-# main
-
-
+# ---- main --------------------------------------------------------------------------------------------------
 def ensure_embedded(cfg: Config, rank: int) -> Config:
     """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
     point the data paths at them."""
@@ -704,11 +657,10 @@ def ensure_embedded(cfg: Config, rank: int) -> Config:
                                test_data=cfg.test_data or str(EMBEDDED_DIR / "test.jsonl"),
                                sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
 
-
 # what each stage writes in runs/<name> (SFT and D's pre-training: their checkpoints and metrics.jsonl)
-WRITES = {"sft": ("sft-stage",), "disc": ("disc-stage",), "rl": ("metrics.jsonl", "summary.json", "checkpoints")}
+WRITES = {"sft": ("sft-stage",), "disc": ("disc-stage",),
+          "rl": ("metrics.jsonl", "summary.json", "checkpoints")}
 WRITES["all"] = WRITES["sft"] + WRITES["disc"] + WRITES["rl"]
-
 
 def main(argv=None) -> None:
     cfg = parse_config(argv)
@@ -727,7 +679,7 @@ def main(argv=None) -> None:
         elif not built:
             raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                              "(or the whole pipeline) first")
-        # one pre-trained discriminator per set of imitated teachers, rebuilt after a new SFT (origin_mismatch)
+        # one pre-trained D per set of imitated teachers, rebuilt after a new SFT (origin_mismatch)
         suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
         disc = disc or str(TINY_DIR / f"tiny-disc{suffix}")
     elif cfg.stage == "sft":

@@ -252,7 +252,8 @@ def test_stale_discriminator_is_detected(small_run, tiny_student, tmp_path):
     w["lm_head.weight"][0, 0] += 1.0
     from safetensors.torch import save_file
     save_file(w, str(new_sft / "model.safetensors"), metadata={"format": "pt"})
-    assert "another student" in discriminator.origin_mismatch(disc, str(new_sft), ["methodical", "reflective"])
+    both = ["methodical", "reflective"]
+    assert "another student" in discriminator.origin_mismatch(disc, str(new_sft), both)
     args = [a if a != tiny_student else new_sft for a in common]
     p = run(args + ["--stage", "rl", "--name", "stale", "--steps", 1], check=False)
     assert p.returncode != 0 and "another student" in p.stderr and "--stage disc" in p.stderr
