@@ -47,7 +47,7 @@ class Config:
     student: str = ""              # student checkpoint (HF folder); also pi_ref, the SFT model
     data: str = ""                 # RL questions with cached teacher responses (JSONL schema)
     eval_data: str = ""            # validation questions: accuracy before / during / after RL (tune on these)
-    test_data: str = ""            # test questions: start and final student, once, at the end of a run
+    test_data: str = ""            # test questions: start and final, once, at the end ("none": skip, to tune)
     sft_data: str = ""             # SFT rows (`response` field) for --stage sft
     discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
     judge: str = ""                # text-only judge LLM for --answer-reward judge
@@ -164,8 +164,8 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("--answer-reward off leaves no reward (Algorithm 1 has only the answer reward)")
     for key in ("student", "data", "eval_data", "test_data", "sft_data", "discriminator", "judge"):
         path = getattr(cfg, key)
-        if key == "discriminator" and cfg.stage == "disc":  # --stage disc writes it
-            continue
+        if (key == "discriminator" and cfg.stage == "disc") or (key == "test_data" and path == "none"):
+            continue                                                  # --stage disc writes it; no test
         if path and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
     if cfg.student and not (Path(cfg.student) / "config.json").exists():
@@ -586,7 +586,7 @@ def final_reports(cfg: Config, m: Models, student: str, val_start: dict | None, 
     if eval_rows:
         final = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, n)
         summary["val"] = {"start": val_start, "final": final}
-    if cfg.test_data:
+    if cfg.test_data not in ("", "none"):
         test_rows = load_jsonl(cfg.test_data)
         start = m.ref
         if start is None:  # beta = 0: pi_ref was not loaded

@@ -48,6 +48,7 @@ def test_bad_config_fails_before_any_work(argv, message):
 
 def test_embedded_defaults_apply_only_without_student(tiny_student, embedded):
     assert ril.parse_config([]).lr == ril.EMBEDDED["lr"]
+    assert ril.parse_config(["--test-data", "none"]).test_data == "none"  # tuning runs never read test
     assert ril.parse_config(["--lr", "3e-5"]).lr == 3e-5
     assert ril.parse_config([]).keep_gathered and not ril.parse_config(["--no-keep-gathered"]).keep_gathered
     cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl")])
