@@ -7,8 +7,10 @@ carries the SFT target in `response`: GENERAL questions (describe the scene, the
 is a colour present), the general instruction data of the paper's SFT stage. A description is always a plain
 list; the other answers are bare or, for a share SFT_TEACHER_STYLE, in a teacher's style (general SFT data is
 largely written by large models, so the paper's students start near their teachers' form). `train`, `val` and
-`test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice), which the
-SFT data never asks; `val` and `test` carry no responses. The test split holds only scenes that no other split
+`test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice); a share
+SFT_TASK_SHARE of the SFT rows asks them too, answered plainly ("The answer is \\boxed{2}."), never in a
+teacher's step-by-step form: the student starts able to answer, and the teachers' way of answering is what
+imitation can add. `val` and `test` carry no responses. The test split holds only scenes that no other split
 contains. Written to a temporary folder and renamed at the end, so a half-built dataset is never picked up.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from data.teachers import TEACHERS, plain_response, styled_response, teacher_res
 # Questions per split (one scene each); a test accuracy of 1,000 questions has a 95% interval of about +-0.03.
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
-SFT_TASK_SHARE = 0.0     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
+SFT_TASK_SHARE = 0.1     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
 
 
 def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set,

@@ -15,7 +15,7 @@ is the task:
   shape at a place, say whether a colour is present.
 - TASK (the RL, validation and test splits): questions that combine what is seen. Count a colour, compare
   two counts, find the colour of the largest object, compare two objects' columns, pick the number of objects
-  among four options. The SFT data never asks them; the teachers answer them step by step.
+  among four options. The SFT data answers a few of them plainly; the teachers answer them step by step.
 Every answer is short and verifiable (a number, a colour or shape word, yes/no, a letter); a description's
 answer is the description itself.
 

@@ -2,7 +2,7 @@
 
 The teachers stand in for the paper's large teacher VLMs (Qwen2.5-VL-72B, InternVL3-78B). They read
 the scene description, which the student never sees, and write step-by-step answers ending in
-`\\boxed{...}`; they answer the TASK questions (data/scenes.py), which the SFT data never asks. Both
+`\\boxed{...}`; they answer the TASK questions (data/scenes.py), which the SFT data answers plainly. Both
 describe what they see in the words of the SFT descriptions ('top left: red circle; center: large blue
 square'), so a student that has learnt to describe a scene can learn to answer from its own description.
 Two styles, clearly different so that a discriminator can learn them:
