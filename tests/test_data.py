@@ -297,5 +297,5 @@ def test_sft_task_share_adds_plain_task_answers(tmp_path):
     task = [r for r in rows if r["kind"] in TASK_TYPES]
     assert abs(len(task) / len(rows) - 0.25) < 4 * (0.25 * 0.75 / len(rows)) ** 0.5
     assert all(r["response"] == f"The answer is \\boxed{{{r['answer']}}}." for r in task)
-    plain = load_jsonl(build(tmp_path / "none", seed=1, sizes=sizes) / "sft.jsonl")
+    plain = load_jsonl(build(tmp_path / "none", seed=1, sizes=sizes, sft_task_share=0.0) / "sft.jsonl")
     assert all(r["kind"] in GENERAL_TYPES for r in plain)

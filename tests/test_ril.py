@@ -62,7 +62,7 @@ def small_run(tiny_student, embedded, tmp_path_factory):
     common = ["--student", tiny_student, "--data", embedded / "train.jsonl", "--out-dir", out,
               "--batch-size", 4, "--group-size", 2, "--max-new-tokens", 96, "--max-disc-len", 192,
               "--lr", 1e-3, "--disc-lr", 1e-3, "--micro-batch", 8, "--sample-every", 0]
-    run(common + ["--stage", "disc", "--name", "disc", "--disc-steps", 2, "--disc-questions", 8,
+    run(common + ["--stage", "disc", "--name", "disc", "--disc-steps", 8, "--disc-questions", 8,
                   "--disc-samples", 1, "--disc-batch-size", 8])
     return common + ["--discriminator", out / "disc" / "discriminator"], out
 
@@ -199,21 +199,23 @@ def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, 
                                                                    monkeypatch):
     """Eq. 2 with every sample's advantage strongly negative pushes down what was sampled. Scored over the
     sampler's support, the placeholders (which it never draws) get no gradient: the LM head's rows for them
-    stay bit for bit. Scored over the whole vocabulary (placeholder_ids patched to nothing), the same steps
-    move those rows: the test can tell the two apart."""
+    stay bit for bit. Scored over the whole vocabulary (placeholder_ids patched to nothing after sampling),
+    the same steps move those rows: the test can tell the two apart."""
     import rollout
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_student)
     ip = AutoImageProcessor.from_pretrained(tiny_student)
     banned = None
 
-    def steps():
+    def steps(score_whole_vocabulary):
         model = AutoModelForImageTextToText.from_pretrained(tiny_student)
         nonlocal banned
-        banned = rollout.placeholder_ids(model) or [model.config.image_token_id, model.config.video_token_id]
+        banned = rollout.placeholder_ids(model)
         p = rollout.encode_prompts(tok, ip, *batch)
         out = rollout.generate(model, p, max_new_tokens=8, num_samples=2,
                                generator=torch.Generator().manual_seed(0))
+        if score_whole_vocabulary:
+            monkeypatch.setattr(rollout, "placeholder_ids", lambda model: [])
         before = model.lm_head.weight[banned].detach().clone()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         for _ in range(3):
@@ -227,10 +229,9 @@ def test_no_update_moves_mass_onto_tokens_the_sampler_never_draws(tiny_student, 
             assert torch.isfinite(ent).all() and torch.isfinite(logp).all()
         return model.lm_head.weight[banned].detach(), before
 
-    after, before = steps()
-    assert torch.equal(after, before)
-    monkeypatch.setattr(rollout, "placeholder_ids", lambda model: [])
-    after, before = steps()
+    after, before = steps(score_whole_vocabulary=False)
+    assert banned and torch.equal(after, before)
+    after, before = steps(score_whole_vocabulary=True)
     assert not torch.equal(after, before)
 
 
