@@ -34,10 +34,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-# ------------------------------------------------------------------------------------------------------------
-# The process group and collectives
+import rollout
 
-
+# ---- The process group and collectives ---------------------------------------------------------------------
 def setup() -> tuple[int, int, torch.device]:
     """(rank, world size, device); nccl on GPUs, gloo on CPU, one process without torchrun."""
     if "RANK" not in os.environ:
@@ -51,21 +50,17 @@ def setup() -> tuple[int, int, torch.device]:
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
 
-
 def teardown() -> None:
     """Leave the process group together: gloo aborts a rank that tears down while its peer still works."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
-
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
 
 def all_sum(x: float | torch.Tensor) -> float:
     """Sum of a number over ranks (on the GPU under nccl, which reduces no CPU tensor)."""
@@ -75,7 +70,6 @@ def all_sum(x: float | torch.Tensor) -> float:
         dist.all_reduce(t)
     return t.item()
 
-
 def all_gather_list(values: list) -> list:
     """Every rank's list, concatenated in rank order (one process: the list itself)."""
     if not dist.is_initialized():
@@ -84,22 +78,16 @@ def all_gather_list(values: list) -> list:
     dist.all_gather_object(parts, list(values))
     return [v for part in parts for v in part]
 
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
 
 def token_mean_scale(local_count: float, global_count: float) -> float:
     """Factor that turns a local mean into its share of the global mean: FSDP averages gradients over ranks,
     so a rank's loss is weighted by world * local / global. 2 processes then equal 1 with the same batch."""
     return world_size() * local_count / max(global_count, 1.0)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# FSDP2
-
-
+# ---- FSDP2 -------------------------------------------------------------------------------------------------
 def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = False) -> torch.nn.Module:
     """FSDP2: fully_shard every decoder layer and vision block (`_no_split_modules`), then the root.
 
@@ -120,7 +108,6 @@ def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = Fa
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
-
 def load_pretrained(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False,
                     keep_gathered: bool = False):
     """(model, tokenizer, image processor) of a VLM checkpoint folder, through the Auto classes, in fp32,
@@ -134,6 +121,45 @@ def load_pretrained(path: str, device: torch.device, trainable: bool = True, che
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return shard(model.train(trainable), device, keep_gathered and trainable), tok, proc
 
+TEACHER_ONLY = ("qwen3_vl_moe",)  # config.model_type of checkpoints that run as teachers only
+
+def check_student(path: str) -> None:
+    """Before any model loads: `path` is a checkpoint folder of a model this project can train."""
+    if not (Path(path) / "config.json").exists():
+        raise SystemExit(f"--student: {path} is not a checkpoint folder (no config.json)")
+    model_type = json.loads(Path(path, "config.json").read_text()).get("model_type")
+    if model_type in TEACHER_ONLY:
+        raise SystemExit(f"--student {path} is a {model_type} checkpoint (mixture of experts): "
+                         "training an MoE student is not supported (no expert parallelism, no router "
+                         "load-balancing loss); it runs as a teacher: "
+                         "python -m data.teacher_cache --data DATA --teacher NAME=PATH")
+
+def sampler_defaults(model, tok, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                     repetition_penalty: float) -> None:
+    """Make the student's generation_config (saved with it) describe rollout.generate, so that a saved student
+    run with `from_pretrained` + `generate` and no arguments samples as the run does: the image and video
+    placeholders suppressed, EOS and pad set, the run's sampling settings and response cap."""
+    gc = model.generation_config
+    gc.suppress_tokens = rollout.placeholder_ids(model)
+    gc.eos_token_id = rollout.eos_list(model, None) or [tok.eos_token_id]
+    gc.pad_token_id = tok.pad_token_id
+    gc.do_sample = temperature > 0
+    gc.temperature = temperature if gc.do_sample else None
+    gc.top_p = top_p if gc.do_sample else None
+    gc.top_k = top_k if gc.do_sample else None
+    gc.repetition_penalty = repetition_penalty
+    gc.max_new_tokens = max_new_tokens
+
+def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the (sharded) student, the vision side (every parameter outside the language model and its
+    head: the vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay."""
+    lm = {id(p) for p in rollout.text_model(model).parameters()}
+    lm |= {id(p) for p in model.get_output_embeddings().parameters()}
+    vision = [p for p in model.parameters() if id(p) not in lm]
+    groups = [dict(params=[p for p in model.parameters() if id(p) in lm], lr=lr)]
+    if vision:
+        groups.append(dict(params=vision, lr=lr * vision_lr_scale))
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # DTensors: else one per tensor
 
 def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[torch.Tensor, slice]]:
     """Micro-batches (gradient accumulation) of about `size` sequences, each cut to its longest response: less
@@ -150,26 +176,22 @@ def length_batches(mask: torch.Tensor, size: int, group: int = 1) -> list[tuple[
         out.append((rows, slice(0, max(1, int(longest[g].max())))))
     return out
 
-
 def sync_gradients(model: torch.nn.Module, last: bool) -> None:
     """FSDP2 gradient accumulation: keep a step's micro-batch gradients local and reduce-scatter once, with
     the last one (the same sum, one collective per layer instead of one per micro-batch)."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(last)
 
-
 def grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradients to `max_norm` and return their norm before clipping (a DTensor under FSDP2)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-
 
 def full_state_dict(model: torch.nn.Module) -> dict:
     """The whole (unsharded) state dict on CPU, on rank 0 (a collective under FSDP)."""
     if world_size() == 1:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
 
 def optim_state(model, optimizer, state=None):
     """Get (state=None) or set the full optimizer state dict, the same on every rank count."""
@@ -178,7 +200,6 @@ def optim_state(model, optimizer, state=None):
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
-
 
 def save_pretrained(module, path: Path, *extras) -> None:
     """`save_pretrained` of the whole module (gathered from the shards) and of `extras` (tokenizer, image
@@ -189,11 +210,7 @@ def save_pretrained(module, path: Path, *extras) -> None:
         for extra in extras:
             extra.save_pretrained(path)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, resumable
-
-
+# ---- Checkpoints: atomic, resumable ------------------------------------------------------------------------
 def prepare_run(run: Path, writes: tuple[str, ...], resume: bool, overwrite: bool, config: dict) -> None:
     """Before any work: refuse a run folder that holds what this command writes (`writes`) unless resuming or
     overwriting (which deletes it first); write config.json, so a folder that cannot be written fails now."""
@@ -212,7 +229,6 @@ def prepare_run(run: Path, writes: tuple[str, ...], resume: bool, overwrite: boo
         except OSError as e:
             raise SystemExit(f"cannot write the run folder {run}: {e}") from None
     barrier()
-
 
 def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch.Generator,
                     keep: int = 0) -> None:
@@ -247,7 +263,6 @@ def save_checkpoint(run: Path, step: int, trained: dict, state: dict, gen: torch
             shutil.rmtree(run / "checkpoints" / f"step-{old}", ignore_errors=True)
     barrier()
 
-
 def load_checkpoint(ckpt: Path, trained: dict, gen: torch.Generator) -> dict:
     """The optimizer and RNG states of a checkpoint into the optimizers of `trained` and into `gen` (the
     weights are loaded with the models); returns the saved state (step, counters)."""
@@ -264,44 +279,32 @@ def load_checkpoint(ckpt: Path, trained: dict, gen: torch.Generator) -> dict:
     random.setstate(rng["python"])
     return json.loads((ckpt / "state.json").read_text())
 
-
 def latest_checkpoint(run: Path) -> Path | None:
     p = run / "checkpoints" / "latest"
     return run / "checkpoints" / p.read_text().strip() if p.exists() else None
 
-
-# ------------------------------------------------------------------------------------------------------------
-# SIGTERM: finish the step, save, stop
-
+# ---- SIGTERM: finish the step, save, stop ------------------------------------------------------------------
 _SIGTERM = {"received": False}  # set by the handler; read through stop_requested()
 _PARENT = os.getppid()          # under torchrun: the agent; a worker whose agent died is re-parented
-
 
 def catch_sigterm() -> None:
     """From now on SIGTERM only sets a flag; the training loop saves and stops at its next check."""
     signal.signal(signal.SIGTERM, _on_sigterm)
 
-
 def _on_sigterm(signum, frame) -> None:
     _SIGTERM["received"] = True
-
 
 def launcher_gone() -> bool:
     """Whether this torchrun worker's agent has died (the worker was re-parented): nobody would restart or
     stop it, so it saves and stops like on SIGTERM instead of training on unwatched."""
     return "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != _PARENT
 
-
 def stop_requested() -> bool:
     """Whether any rank has received SIGTERM or lost its agent (a collective: every rank gets the same
     answer, so every rank must call it at the same points)."""
     return all_sum(float(_SIGTERM["received"] or launcher_gone())) > 0
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The step loop every stage shares
-
-
+# ---- The step loop every stage shares ----------------------------------------------------------------------
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
                    loss: float) -> dict:
     """Clip the gradients and step, unless the loss or the gradient norm is not finite on some rank: then the
@@ -322,7 +325,6 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "skipped": int(skipped), "update": update}
 
-
 def publish(module, path: Path, *extras) -> None:
     """save_pretrained into `path` atomically: written beside it, then renamed over it, so a kill or a full
     disk never leaves a half-written model where a later run would load it."""
@@ -337,7 +339,6 @@ def publish(module, path: Path, *extras) -> None:
         tmp.rename(path)
     barrier()
 
-
 @dataclass
 class Progress:
     """A stage's counters, saved in every checkpoint's state.json."""
@@ -345,7 +346,6 @@ class Progress:
     skipped: int = 0            # updates skipped as non-finite, in all
     skipped_in_a_row: int = 0   # ... since the last update that went through
     notes: dict = field(default_factory=dict)  # the stage's own (the RL stage: the start's val report)
-
 
 class Loop:
     """The steps of one stage, with the guarantees every stage needs:
@@ -396,15 +396,15 @@ class Loop:
         p.skipped += skipped
         p.skipped_in_a_row = p.skipped_in_a_row + 1 if skipped else 0
         if p.skipped_in_a_row >= self.max_skipped:
-            raise SystemExit(f"{self.folder}: {self.name} {p.step}: {p.skipped_in_a_row} updates in a row had "
-                             "a non-finite loss or gradient and were skipped "
-                             f"(--max-skipped {self.max_skipped}); skipped updates leave the weights as they "
-                             "were, so the last checkpoint is good: lower the learning rate, or look at the data")
+            raise SystemExit(f"{self.folder}: {self.name} {p.step}: {p.skipped_in_a_row} updates in a row "
+                             "had a non-finite loss or gradient and were skipped "
+                             f"(--max-skipped {self.max_skipped}); skipped updates leave the weights as "
+                             "they were, so the last checkpoint is good: lower the learning rate, or look "
+                             "at the data")
         if metrics is not None and rank() == 0:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps({"step": p.step, **metrics}) + "\n")
         self.finished = True
-
 
 def metrics_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is not kept)."""

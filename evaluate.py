@@ -27,7 +27,7 @@ from tqdm import tqdm
 import distributed
 import rewards
 import rollout
-from data.dataset import blind_guesses, chance_levels, load_images, load_jsonl
+from data.dataset import blind_guesses, chance_levels, encode_rows, load_jsonl
 
 # MAYE's reflection words, plus spelling variants and "double-check" (the embedded reflective teacher's
 # phrase). Matched case-insensitively as whole words: a letter, digit, "_" or "-" may not touch either
@@ -151,9 +151,7 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
     desc = f"eval T={temperature} x{num_samples}"
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[i:i + batch_size]
-        prompts = rollout.encode_prompts(tokenizer, image_processor, [r["question"] for r in batch],
-                                         load_images(batch), family=model.config.model_type)
-        prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+        prompts = encode_rows(model, tokenizer, image_processor, batch, device)
         out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=None,
                                generator=generator)
@@ -178,9 +176,8 @@ def evaluate_model(model, tokenizer, image_processor, rows: list[dict], *, tempe
 
 def held_out(model, tokenizer, image_processor, rows: list[dict], train_rows: list[dict],
              max_new_tokens: int) -> dict:
-    """Greedy pass@1 on held-out rows as accuracy_report gives it, the rows split evenly over the ranks of a
-    torchrun job (every rank calls it; FSDP needs the same calls on every rank, so the last rank pads its
-    share with rows it does not count)."""
+    """Greedy pass@1 on held-out rows (accuracy_report), split over the ranks of a torchrun job: each rank
+    calls it on as many rows (FSDP's collectives need it), the last padding its share with uncounted rows."""
     rank, world = distributed.rank(), distributed.world_size()
     per = math.ceil(len(rows) / world)
     mine = (rows[rank * per:(rank + 1) * per] + rows[:per])[:per]
@@ -261,8 +258,7 @@ def evaluate_checkpoint(args) -> dict:
 
 # ---- Comparing training runs -------------------------------------------------------------------------------
 def load_run(path: str | Path) -> dict:
-    """A run folder: its summary.json and the rows of its metrics.jsonl (none if the file is missing).
-    A line that is not JSON (a run killed mid-write) is skipped and counted."""
+    """A run folder: its summary.json and its metrics.jsonl rows (a line torn by a kill: skipped, counted)."""
     path = Path(path)
     if not (path / "summary.json").is_file():
         raise SystemExit(f"{path}: no summary.json (not a finished run folder?)")
@@ -304,8 +300,7 @@ def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 def mean_std(values: list[float]) -> str:
-    """'mean ± std' (sample std over seeds), just the value for one seed, '–' for none; each number with 3
-    decimals, or in scientific notation when small (a KL of 1e-4)."""
+    """'mean ± std' (sample std over seeds), the value for one seed, '–' for none; 3 decimals or 1e-04."""
     if not values:
         return "–"
     numbers = [statistics.fmean(values)] + ([statistics.stdev(values)] if len(values) > 1 else [])
@@ -315,11 +310,19 @@ def final_correct(run: dict, split: str = "test", which: str = "final") -> list[
     """Per-question correctness of a run's student (`final` or `start`) on a split, from its summary.json."""
     return ((run["summary"].get(split) or {}).get(which) or {}).get("correct")
 
-def add_gains(summary: dict) -> dict:
-    """For each split of a run summary with a start and a final report: final - start, paired 95% interval."""
-    for split in ("val", "test"):
-        part = summary.get(split) or {}
-        if part.get("start") and part.get("final"):
+def final_reports(policy, start, tokenizer, image_processor, train_rows: list[dict], val_rows: list[dict],
+                  test_rows: list[dict], val_start: dict | None, max_new_tokens: int) -> dict:
+    """A run's held-out accuracy: val (the start's report given) and test, of the `start` model and the final
+    `policy`, and each split's gain (final - start) with its paired 95% interval."""
+    def report(model, rows):
+        return held_out(model, tokenizer, image_processor, rows, train_rows, max_new_tokens)
+    summary = {}
+    if val_rows:
+        summary["val"] = {"start": val_start, "final": report(policy, val_rows)}
+    if test_rows:
+        summary["test"] = {"start": report(start, test_rows), "final": report(policy, test_rows)}
+    for part in summary.values():
+        if part["start"]:
             diff, lo, hi = paired_bootstrap([part["final"]["correct"]], [part["start"]["correct"]])
             part["gain"] = {"diff": diff, "ci95": [lo, hi]}
     return summary

@@ -15,6 +15,7 @@ import re
 from fractions import Fraction
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,13 @@ def parse_judge_score(text: str) -> float | None:
         return None
     content = content.strip()
     return float(content) if content in ("0", "1") else None
+
+
+def load_judge(path: str, device: torch.device) -> tuple:
+    """(model, tokenizer) of a text-only judge LLM checkpoint, for inference: bf16 on GPUs, fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()

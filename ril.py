@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import discriminator
 import distributed
 import evaluate
 import rewards
 import rollout
-from data.build import build_missing
-from data.dataset import load_images, load_jsonl, step_rows, teacher_names, teacher_slots
+from data.build import EMBEDDED_DIR, SPLIT_FILES, TINY_DIR, build_missing
+from data.dataset import encode_rows, load_jsonl, sft_rows, step_rows, teacher_names, teacher_slots
 
 # ---- Config ------------------------------------------------------------------------------------------------
 @dataclass
@@ -107,8 +106,6 @@ EMBEDDED = dict(lr=1e-4, beta=1.0, vision_lr_scale=0.1, keep_gathered=True, disc
                 steps=200, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
                 sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
                 save_every=50, sample_every=50)
-EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
-TINY_DIR = Path(__file__).parent / "checkpoints"
 CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
                similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
                loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
@@ -132,8 +129,6 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**(EMBEDDED if not given.get("student") else {}), **given})
     check_config(cfg)
     return cfg
-
-TEACHER_ONLY = ("qwen3_vl_moe",)  # config.model_type of checkpoints that run as teachers only
 
 def check_config(cfg: Config) -> None:
     """Fail before any model loads on values that cannot run or would train silently wrong."""
@@ -164,20 +159,11 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("--answer-reward off leaves no reward (Algorithm 1 has only the answer reward)")
     for key in ("student", "data", "eval_data", "test_data", "sft_data", "discriminator", "judge"):
         path = getattr(cfg, key)
-        if (key == "discriminator" and cfg.stage == "disc") or (key == "test_data" and path == "none"):
-            continue                                                  # --stage disc writes it; no test
-        if path and not Path(path).exists():
+        written = key == "discriminator" and cfg.stage == "disc"        # --stage disc writes it
+        if path and not written and (key, path) != ("test_data", "none") and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
-    if cfg.student and not (Path(cfg.student) / "config.json").exists():
-        raise SystemExit(f"--student: {cfg.student} is not a checkpoint folder (no config.json)")
-    model_type = None
     if cfg.student:
-        model_type = json.loads(Path(cfg.student, "config.json").read_text()).get("model_type")
-    if model_type in TEACHER_ONLY:
-        raise SystemExit(f"--student {cfg.student} is a {model_type} checkpoint (mixture of experts): "
-                         "training an MoE student is not supported (no expert parallelism, no router "
-                         "load-balancing loss); it runs as a teacher: "
-                         "python -m data.teacher_cache --data DATA --teacher NAME=PATH")
+        distributed.check_student(cfg.student)
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:
         raise SystemExit("--student needs --data (questions with cached teacher responses) for RL")
 
@@ -192,11 +178,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     """
     r = rewards.view(-1, group_size)                                    # [groups, G]
     adv = r - r.mean(dim=1, keepdim=True)                               # [groups, G]
-    if scale_by_std:
-        if group_size > 1:
-            std = r.std(dim=1, keepdim=True)                            # Bessel-corrected, as GRPO
-        else:
-            std = torch.zeros_like(r[:, :1])
+    if scale_by_std:                                                    # Bessel-corrected std, as GRPO
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
         adv = adv / (std + eps)
     return adv.reshape(-1)                                              # [N]
 
@@ -243,31 +226,24 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
     return loss, stats
 
 # ---- Models and batches ------------------------------------------------------------------------------------
-def sampler_defaults(model, tok, cfg: Config) -> None:
-    """Make the student's generation_config (saved with it) describe the project's sampler, so that a saved
-    student run with `from_pretrained` + `generate` and no arguments behaves like rollout.generate: the image
-    and video placeholders suppressed, EOS and pad set, the run's sampling settings and response cap."""
-    gc = model.generation_config
-    gc.suppress_tokens = rollout.placeholder_ids(model)
-    gc.eos_token_id = rollout.eos_list(model, None) or [tok.eos_token_id]
-    gc.pad_token_id = tok.pad_token_id
-    gc.do_sample = cfg.temperature > 0
-    gc.temperature = cfg.temperature if gc.do_sample else None
-    gc.top_p = cfg.top_p if gc.do_sample else None
-    gc.top_k = cfg.top_k if gc.do_sample else None
-    gc.repetition_penalty = cfg.repetition_penalty
-    gc.max_new_tokens = cfg.max_new_tokens
+def sampling(cfg: Config) -> dict:
+    """The sampler's settings (rollout.generate's keyword arguments), as the run gives them."""
+    return dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                repetition_penalty=cfg.repetition_penalty)
 
-def student_optimizer(model, lr: float, vision_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW over the student, the vision side (every parameter outside the language model and its head: the
-    vision tower and the projector) at lr * vision_lr_scale, the rest at lr. No weight decay (the paper's)."""
-    lm = {id(p) for p in rollout.text_model(model).parameters()}
-    lm |= {id(p) for p in model.get_output_embeddings().parameters()}
-    vision = [p for p in model.parameters() if id(p) not in lm]
-    groups = [dict(params=[p for p in model.parameters() if id(p) in lm], lr=lr)]
-    if vision:
-        groups.append(dict(params=vision, lr=lr * vision_lr_scale))
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, foreach=True)  # DTensors: else one per tensor
+def load_student(cfg: Config, path: str, device, lr: float) -> tuple:
+    """(model, tokenizer, image processor, optimizer) of a student to train, FSDP2-sharded; the
+    generation_config it will be saved with describes the run's sampler (distributed.sampler_defaults)."""
+    model, tok, proc = distributed.load_pretrained(path, device, checkpointing=cfg.grad_checkpointing,
+                                                   keep_gathered=cfg.keep_gathered)
+    distributed.sampler_defaults(model, tok, max_new_tokens=cfg.max_new_tokens, **sampling(cfg))
+    return model, tok, proc, distributed.student_optimizer(model, lr, cfg.vision_lr_scale)
+
+def stage_loop(cfg: Config, folder: Path, steps: int, trained: dict, gen, ckpt, name: str, rank: int):
+    """distributed.Loop over a stage's steps (checkpoints, --resume, SIGTERM) and its progress bar."""
+    loop = distributed.Loop(folder, steps, trained, gen, ckpt, save_every=cfg.save_every,
+                            keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped, name=f"{name} step")
+    return loop, tqdm(loop, desc=name, disable=rank != 0, initial=loop.progress.step, total=steps)
 
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
     """[n] bool: which of n responses (k per question, the G student samples first) are the student's."""
@@ -277,50 +253,32 @@ def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Response texts: the masked tokens of each row, special tokens dropped."""
     return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
-def prompts_for(model, tok, proc, rows: list[dict], device) -> dict:
-    """rollout.encode_prompts of dataset rows (questions and images) for `model`'s family, on `device`."""
-    questions = [r["question"] for r in rows]
-    prompts = rollout.encode_prompts(tok, proc, questions, load_images(rows), family=model.config.model_type)
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
-
 # ---- Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked) ------------------
 def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> None:
     """Fine-tune `init` on cfg.sft_data for cfg.sft_steps (lr decaying linearly to a tenth); publish to `out`.
     Checkpoints, metrics.jsonl and --resume in `folder`, as in the RL stage (distributed.Loop)."""
-    all_rows = load_jsonl(cfg.sft_data)
-    rows = [r for r in all_rows if "response" in r]
+    rows = sft_rows(cfg.sft_data)
     world = distributed.world_size()
-    if not rows:
-        raise SystemExit(f"{cfg.sft_data}: no row has a `response` field to fine-tune on")
     if cfg.sft_batch_size % world:
         raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of the {world} processes")
-    if rank == 0 and len(rows) < len(all_rows):
-        skipped = len(all_rows) - len(rows)
-        print(f"sft: {skipped} of {len(all_rows)} rows have no `response`: skipped", flush=True)
     ckpt = distributed.latest_checkpoint(folder) if cfg.resume else None
-    model, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else init, device,
-                                                   checkpointing=cfg.grad_checkpointing,
-                                                   keep_gathered=cfg.keep_gathered)
-    sampler_defaults(model, tok, cfg)
-    opt = student_optimizer(model, cfg.sft_lr, cfg.vision_lr_scale)
+    model, tok, proc, opt = load_student(cfg, str(ckpt / "student") if ckpt else init, device, cfg.sft_lr)
     base_lr = [g["lr"] for g in opt.param_groups]
-    loop = distributed.Loop(folder, cfg.sft_steps, {"student": (model, opt, (tok, proc))},
-                            torch.Generator().manual_seed(cfg.seed), ckpt, save_every=cfg.save_every,
-                            keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped, name="sft step")
-    bar = tqdm(loop, desc="sft", disable=rank != 0, initial=loop.progress.step, total=cfg.sft_steps)
+    trained, gen = {"student": (model, opt, (tok, proc))}, torch.Generator().manual_seed(cfg.seed)
+    loop, bar = stage_loop(cfg, folder, cfg.sft_steps, trained, gen, ckpt, "sft", rank)
     for step in bar:
         for group, lr in zip(opt.param_groups, base_lr):
             group["lr"] = lr * (1 - 0.9 * step / cfg.sft_steps)                 # lr -> lr / 10, linearly
         batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, rank, world)
-        texts = [r["response"] for r in batch]
-        ids, mask, _ = rollout.encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
+        ids, mask, _ = rollout.encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens,
+                                                tok.eos_token_id)
         ids, mask = ids.to(device), mask.to(device)                                  # [b, T]
         total = distributed.all_sum(mask.sum())
         micro = distributed.length_batches(mask, cfg.sft_micro_batch)
         nll = 0.0
         for i, (mb, w) in enumerate(micro):                 # each adds its share of the global token mean
             distributed.sync_gradients(model, i == len(micro) - 1)
-            prompts = prompts_for(model, tok, proc, [batch[j] for j in mb.tolist()], device)
+            prompts = encode_rows(model, tok, proc, [batch[j] for j in mb.tolist()], device)
             logp = rollout.response_logprobs(model, prompts, ids[mb, w], mask[mb, w])  # [mb, t]
             loss = -(logp * mask[mb, w]).sum() / total                          # token-mean cross-entropy
             (loss * world).backward()                       # FSDP averages gradients over ranks
@@ -354,10 +312,9 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
     for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
-        out_ = rollout.generate(model, prompts_for(model, tok, proc, rows[i:i + 16], device),
-                                max_new_tokens=cfg.max_new_tokens, num_samples=cfg.disc_samples,
-                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                repetition_penalty=cfg.repetition_penalty, generator=gen)
+        prompts = encode_rows(model, tok, proc, rows[i:i + 16], device)
+        out_ = rollout.generate(model, prompts, max_new_tokens=cfg.max_new_tokens,
+                                num_samples=cfg.disc_samples, generator=gen, **sampling(cfg))
         student_texts += decode(tok, out_.response_ids, out_.response_mask)
     teacher_texts = [t for r in rows for name in names for t in r["teachers"][name]]
     cut = rollout.encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)
@@ -368,12 +325,9 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
         discriminator.Discriminator.from_student(student)
     disc = distributed.shard(disc.to(device), device, cfg.keep_gathered)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
-    loop = distributed.Loop(folder, cfg.disc_steps, {"discriminator": (disc, opt, ())}, gen, ckpt,
-                            save_every=cfg.save_every, keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped,
-                            name="discriminator step")
+    loop, bar = stage_loop(cfg, folder, cfg.disc_steps, {"discriminator": (disc, opt, ())}, gen, ckpt,
+                           "discriminator", rank)
     per_rank = max(1, cfg.disc_batch_size // (2 * world))      # student and teacher texts per rank and step
-    bar = tqdm(loop, desc="discriminator", disable=rank != 0, initial=loop.progress.step,
-               total=cfg.disc_steps)
     stats = {"accuracy": math.nan}
     for step in bar:
         si, ti = discriminator.pretrain_batch(len(student_texts), len(teacher_texts), per_rank,
@@ -383,14 +337,12 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
                                      max_grad_norm=cfg.grad_clip)
         loop.done(stats["skipped"], stats)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-    if rank == 0:
-        source = "cached" if cached else "sampled"
-        print(f"discriminator pre-trained on {len(student_texts)} {source} student responses per rank, "
-              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}",
-              flush=True)
     distributed.publish(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (a later run checks them)
         discriminator.record_origin(out, student, names)
+        print(f"discriminator trained on {len(student_texts)} {'cached' if cached else 'sampled'} student "
+              f"responses per rank, {loop.progress.skipped} steps skipped; last batch accuracy "
+              f"{stats['accuracy']:.3f}", flush=True)
     distributed.barrier()
 
 # ---- Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo) -------------------------------
@@ -430,11 +382,10 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: li
               q0s0 q0s1 q0t0 q0t1 | q1s0 q1s1 q1t0 q1t1      (s: student sample, t: teacher response)
     """
     G, tok = cfg.group_size, m.tok
-    prompts = prompts_for(m.policy, tok, m.proc, batch, m.device)
+    prompts = encode_rows(m.policy, tok, m.proc, batch, m.device)
     with torch.no_grad():
         roll = rollout.generate(m.policy, prompts, max_new_tokens=cfg.max_new_tokens, num_samples=G,
-                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                repetition_penalty=cfg.repetition_penalty, generator=gen)
+                                generator=gen, **sampling(cfg))
     ids, mask = roll.response_ids, roll.response_mask                        # [b*G, T]
     if cfg.algo != "ril":
         return prompts, ids, mask, G, 0
@@ -443,8 +394,7 @@ def sample_group(cfg: Config, step: int, batch: list[dict], m: Models, names: li
         texts += teacher_slots(r, names, G, random.Random(f"{cfg.seed}-{step}-{r['id']}"))
     t_ids, t_mask, n_trunc = rollout.encode_responses(tok, texts, cfg.max_new_tokens, tok.eos_token_id)
     t_ids, t_mask = t_ids.to(ids.device), t_mask.to(ids.device)              # [b*G, T']
-    width = max(ids.shape[1], t_ids.shape[1])
-    b = len(batch)
+    b, width = len(batch), max(ids.shape[1], t_ids.shape[1])
     ids = torch.cat([by_question(ids, b, width), by_question(t_ids, b, width)], 1).view(-1, width)  # [b*2G,T]
     mask = torch.cat([by_question(mask, b, width), by_question(t_mask, b, width)], 1).view(-1, width)
     return prompts, ids, mask, 2 * G, n_trunc
@@ -485,10 +435,8 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
     old, ref = [], []
     with torch.no_grad():  # pi_old (with mu = 1 it equals pi_theta: the live log-probs, detached) and pi_ref
         for (s, w), p in zip(micro, micro_prompts):
-            if cfg.mu > 1:
-                old.append(rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp))
-            else:
-                old.append(None)
+            old.append(rollout.response_logprobs(m.policy, p, ids[s, w], mask[s, w], temp) if cfg.mu > 1
+                       else None)
             ref.append(rollout.response_logprobs(m.ref, p, ids[s, w], mask[s, w], temp) if cfg.beta else None)
     is_student = student_rows(ids.shape[0], k, cfg.group_size).to(mask.device)[:, None] & mask   # [N, T]
     stats, skipped, ent_sum, ent_n = [], 0, 0.0, 0.0
@@ -560,11 +508,8 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
 # ---- The loop ----------------------------------------------------------------------------------------------
 def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | None, device) -> Models:
     """The policy (from the checkpoint when resuming), pi_ref, the optimizer, and D / the judge when used."""
-    policy, tok, proc = distributed.load_pretrained(str(ckpt / "student") if ckpt else student, device,
-                                     checkpointing=cfg.grad_checkpointing, keep_gathered=cfg.keep_gathered)
-    sampler_defaults(policy, tok, cfg)
-    m = Models(device=device, policy=policy, tok=tok, proc=proc,
-               popt=student_optimizer(policy, cfg.lr, cfg.vision_lr_scale))
+    policy, tok, proc, popt = load_student(cfg, str(ckpt / "student") if ckpt else student, device, cfg.lr)
+    m = Models(device=device, policy=policy, tok=tok, proc=proc, popt=popt)
     if cfg.beta:
         m.ref = distributed.load_pretrained(student, device, trainable=False)[0]
     if cfg.algo == "ril" and cfg.similarity != "off":
@@ -573,41 +518,13 @@ def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | N
                                    cfg.keep_gathered and not cfg.freeze_disc)
         m.dopt = torch.optim.AdamW(m.disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
     if cfg.answer_reward == "judge":
-        m.judge_tok = AutoTokenizer.from_pretrained(cfg.judge)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        m.judge = AutoModelForCausalLM.from_pretrained(cfg.judge, dtype=dtype).to(device).eval()
+        m.judge, m.judge_tok = rewards.load_judge(cfg.judge, device)
     return m
 
-def final_reports(cfg: Config, m: Models, student: str, val_start: dict | None, rows, eval_rows) -> dict:
-    """Validation and test accuracy of the start and of the final student (the test split is read only here),
-    each beside chance and the blind baseline, and each split's gain with its paired 95% interval."""
-    summary = {}
-    n = cfg.max_new_tokens
-    if eval_rows:
-        final = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, n)
-        summary["val"] = {"start": val_start, "final": final}
-    if cfg.test_data not in ("", "none"):
-        test_rows = load_jsonl(cfg.test_data)
-        start = m.ref
-        if start is None:  # beta = 0: pi_ref was not loaded
-            start = distributed.load_pretrained(student, m.device, trainable=False)[0]
-        summary["test"] = {"start": evaluate.held_out(start, m.tok, m.proc, test_rows, rows, n),
-                           "final": evaluate.held_out(m.policy, m.tok, m.proc, test_rows, rows, n)}
-    return evaluate.add_gains(summary)
-
-def log_step(cfg: Config, out: dict, sample: tuple, bar) -> None:
-    """Rank 0: the progress bar, and every --sample-every steps one response."""
-    bar.set_postfix({"R": f"{out['reward/total']:.2f}", "acc": f"{out.get('reward/answer', 0):.2f}",
-                     "sim": f"{out.get('reward/similarity', 0):.2f}", "len": f"{out['response/length']:.0f}"})
-    if cfg.sample_every and out["step"] % cfg.sample_every == 0:
-        question, answer, text, reward = sample
-        tqdm.write(f"[step {out['step']}] Q: {question} (answer {answer})\n  -> {text!r} R={reward}")
-
 def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device, rank: int) -> dict:
-    """The RL stage; returns the summary (final_reports, skipped steps, the config)."""
+    """The RL stage; returns the summary (evaluate.final_reports, skipped steps, the config)."""
     rows = load_jsonl(cfg.data)
-    eval_rows = load_jsonl(cfg.eval_data) if cfg.eval_data else []
-    eval_rows = eval_rows[:cfg.eval_limit] if cfg.eval_limit else eval_rows
+    eval_rows = load_jsonl(cfg.eval_data)[:cfg.eval_limit or None] if cfg.eval_data else []
     names = imitated_teachers(cfg, rows) if cfg.algo == "ril" else []
     world = distributed.world_size()
     if cfg.batch_size % world:
@@ -617,14 +534,12 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
     m = load_models(cfg, student, disc_path, ckpt, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    loop = distributed.Loop(run, cfg.steps, m.trained(), gen, ckpt, save_every=cfg.save_every,
-                            keep=cfg.keep_checkpoints, max_skipped=cfg.max_skipped, name="step")
+    loop, bar = stage_loop(cfg, run, cfg.steps, m.trained(), gen, ckpt, cfg.algo, rank)
     notes = loop.progress.notes
     if not ckpt and eval_rows:
         notes["val_start"] = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
         if rank == 0:
             print(f"val accuracy before RL: {evaluate.format_report(notes['val_start'])}", flush=True)
-    bar = tqdm(loop, desc=cfg.algo, disable=rank != 0, initial=loop.progress.step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         batch = step_rows(rows, step, cfg.batch_size, cfg.seed, rank, world)
@@ -638,28 +553,32 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
             report = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
             out["eval/accuracy"] = report["accuracy"]
         loop.done(out["policy/skipped"], out)          # stops after --max-skipped skipped updates in a row
-        if rank == 0:
-            log_step(cfg, {"step": step + 1} | out, sample, bar)
-    summary = final_reports(cfg, m, student, notes.get("val_start"), rows, eval_rows)
+        bar.set_postfix(R=f"{out['reward/total']:.2f}", acc=f"{out.get('reward/answer', 0):.2f}",
+                        sim=f"{out.get('reward/similarity', 0):.2f}", len=f"{out['response/length']:.0f}")
+        if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0:  # one response
+            tqdm.write("[step {}] Q: {} (answer {})\n  -> {!r} R={}".format(step + 1, *sample))
+    test_rows = load_jsonl(cfg.test_data) if cfg.test_data not in ("", "none") else []  # read only here
+    start = m.ref
+    if test_rows and start is None:  # beta = 0: pi_ref was not loaded
+        start = distributed.load_pretrained(student, device, trainable=False)[0]
+    summary = evaluate.final_reports(m.policy, start, m.tok, m.proc, rows, eval_rows, test_rows,
+                                     notes.get("val_start"), cfg.max_new_tokens)
     return summary | {"skipped_steps": loop.progress.skipped, "config": dataclasses.asdict(cfg)}
 
 # ---- main --------------------------------------------------------------------------------------------------
 def ensure_embedded(cfg: Config, rank: int) -> Config:
     """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
-    point the data paths at them."""
+    point the data paths not given at them."""
     if cfg.student:
         return cfg
     if rank == 0:
         build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
     distributed.barrier()
-    return dataclasses.replace(cfg, data=cfg.data or str(EMBEDDED_DIR / "train.jsonl"),
-                               eval_data=cfg.eval_data or str(EMBEDDED_DIR / "val.jsonl"),
-                               test_data=cfg.test_data or str(EMBEDDED_DIR / "test.jsonl"),
-                               sft_data=cfg.sft_data or str(EMBEDDED_DIR / "sft.jsonl"))
+    paths = {key: getattr(cfg, key) or str(EMBEDDED_DIR / file) for key, file in SPLIT_FILES.items()}
+    return dataclasses.replace(cfg, **paths)
 
 # what each stage writes in runs/<name> (SFT and D's pre-training: their checkpoints and metrics.jsonl)
-WRITES = {"sft": ("sft-stage",), "disc": ("disc-stage",),
-          "rl": ("metrics.jsonl", "summary.json", "checkpoints")}
+WRITES = dict(sft=("sft-stage",), disc=("disc-stage",), rl=("metrics.jsonl", "summary.json", "checkpoints"))
 WRITES["all"] = WRITES["sft"] + WRITES["disc"] + WRITES["rl"]
 
 def main(argv=None) -> None:
@@ -686,18 +605,14 @@ def main(argv=None) -> None:
         sft(cfg, cfg.student, run / "sft", run / "sft-stage", device, rank)
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
     have_disc = bool(disc) and (Path(disc) / "config.json").exists()
-    rebuild = False
+    why = None  # a pre-trained D of another student or other teachers is pre-trained again (or refused)
     if needs_disc and have_disc and cfg.stage != "disc":
-        why = None
-        if rank == 0:  # rank 0 hashes the student's weights, every rank decides
-            why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
-        rebuild = distributed.all_sum(float(why is not None)) > 0
-        if rebuild and cfg.discriminator:
-            raise SystemExit(f"--discriminator {disc}: {why or 'see rank 0'}; pre-train one for this run "
-                             "with --stage disc")
-        if why:
+        why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+        if why and cfg.discriminator:
+            raise SystemExit(f"--discriminator {disc}: {why}; pre-train one for this run with --stage disc")
+        if why and rank == 0:
             print(f"{disc}: {why}: pre-training it again", flush=True)
-    if needs_disc and (rebuild or cfg.stage == "disc" or not have_disc):
+    if needs_disc and (why or cfg.stage == "disc" or not have_disc):
         disc = disc or str(run / "discriminator")
         pretrain_discriminator(cfg, student, Path(disc), run / "disc-stage", device, rank)
     if cfg.stage in ("all", "rl"):

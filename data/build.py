@@ -28,6 +28,9 @@ from data.dataset import blind_guesses, chance_levels
 from data.scenes import GENERAL_TYPES, TASK_TYPES, ask, balanced_task, draw, random_scene
 from data.teachers import TEACHERS, plain_response, styled_response, teacher_response
 
+EMBEDDED_DIR = Path(__file__).parent / "embedded"        # the embedded dataset, built on the first run
+TINY_DIR = Path(__file__).parent.parent / "checkpoints"  # the tiny student, its SFT, its discriminators
+SPLIT_FILES = dict(data="train.jsonl", eval_data="val.jsonl", test_data="test.jsonl", sft_data="sft.jsonl")
 # Questions per split (one scene each); a test accuracy of 1,000 questions has a 95% interval of about +-0.03.
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style

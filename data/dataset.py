@@ -22,7 +22,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+import rollout
 
 log = logging.getLogger(__name__)
 REQUIRED = {"id": str, "question": str, "answer": str}
@@ -122,6 +125,17 @@ def load_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def sft_rows(path: str | Path) -> list[dict]:
+    """The rows of an SFT file that carry a `response` (the SFT target); the others are skipped, with a
+    warning. A file with none is an error."""
+    rows = load_jsonl(path)
+    kept = [r for r in rows if "response" in r]
+    if not kept:
+        raise SystemExit(f"{path}: no row has a `response` field to fine-tune on")
+    if len(kept) < len(rows):
+        log.warning("%s: %d of %d rows have no `response`: skipped", path, len(rows) - len(kept), len(rows))
+    return kept
+
 def load_image(path: str | None) -> Image.Image | None:
     """An RGB image from a path returned by load_jsonl (None stays None)."""
     if path is None:
@@ -133,6 +147,14 @@ def load_image(path: str | None) -> Image.Image | None:
 def load_images(rows: list[dict]) -> list:
     """The images of dataset rows (None for text-only rows)."""
     return [load_image(r.get("image")) for r in rows]
+
+
+def encode_rows(model, tokenizer, image_processor, rows: list[dict], device=None) -> dict:
+    """rollout.encode_prompts of dataset rows (questions and images) for `model`'s family, on `device`."""
+    questions = [r["question"] for r in rows]
+    prompts = rollout.encode_prompts(tokenizer, image_processor, questions, load_images(rows),
+                                     family=model.config.model_type)
+    return {k: v.to(device) if torch.is_tensor(v) and device else v for k, v in prompts.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import rollout
-from data.dataset import load_images, load_jsonl
+from data.dataset import encode_rows, load_jsonl
 
 PAPER = dict(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.05)  # the paper's sampling settings
 
@@ -83,9 +83,7 @@ def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_t
     """need[i] sampled responses for question i of the batch (max(need) drawn for each, the first need[i]
     kept), and how many of the kept ones hit max_new_tokens before their end-of-sequence token."""
     device = rollout.text_model(model).embed_tokens.weight.device
-    prompts = rollout.encode_prompts(tok, proc, [r["question"] for r in batch], load_images(batch),
-                                     family=model.config.model_type)
-    prompts = {k: v.to(device) for k, v in prompts.items()}
+    prompts = encode_rows(model, tok, proc, batch, device)
     G = max(need)
     out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=G,
                            generator=torch.Generator(device).manual_seed(seed), **knobs)

@@ -133,7 +133,7 @@ def test_student_optimizer_splits_vision_and_language(tiny_student, tiny_internv
     for path, vision_prefixes in ((tiny_student, ("model.visual.",)),
                                   (tiny_internvl, ("model.vision_tower.", "model.multi_modal_projector."))):
         model = distributed.load_pretrained(str(path), torch.device("cpu"))[0]
-        opt = ril.student_optimizer(model, 1e-3, 0.1)
+        opt = distributed.student_optimizer(model, 1e-3, 0.1)
         lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
         assert sum(len(g["params"]) for g in opt.param_groups) == len(lr_of) == len(list(model.parameters()))
         for name, p in model.named_parameters():
