@@ -46,14 +46,11 @@ GRID = {
 }
 SEEDS = [0, 1, 2]
 OWN_FLAGS = ("--stage", "--name", "--out-dir", "--seed", "--resume")  # set per run by this script
-# Processes per run and runs at once. Measured on this project's 2-core machine (README, "Reproducing the
-# paper's tables"): one 2-process run at a time does an RL step ~10% faster than two 1-process runs side by
-# side; the side-by-side runs share their ~25 s of start-up and evaluation, which wins only below ~13 steps.
+# Processes per run and runs at once: on two cores one 2-process run at a time does an RL step ~10% faster than
+# two 1-process runs side by side (docs/LOG.md, world v1).
 NPROC, PARALLEL = 2, 1
-# Every run takes ril.py's own settings: on the embedded task the default run's (200 steps, lr 3e-4, beta 0.1;
-# EMBEDDED in ril.py), with --student the paper's. Measured steps on two idle cores: RIL 2.5 s,
-# Dr.GRPO ~0.75 s, so a seed of the 9 configurations is ~1 h and the grid ~3 h (estimated; --steps N shortens
-# every run).
+# Every run takes ril.py's own settings: on the embedded task EMBEDDED in ril.py, with --student the paper's.
+# What a grid costs on two cores: docs/reproduce.md (--steps N shortens every run).
 
 
 def run_name(name: str, seed: int) -> str:
