@@ -15,7 +15,7 @@ import re
 from fractions import Fraction
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -190,27 +190,26 @@ def load_judge(path: str, device: torch.device) -> tuple:
 def judge_rewards(model, tokenizer, questions: list[str], answers: list[str], responses: list[str], *,
                   max_new_tokens: int = 256, batch_size: int = 16,
                   max_response_chars: int = 16000) -> tuple[torch.Tensor, dict]:
-    """r_ans from a text-only LLM judge (any causal LM + its tokenizer), greedy, batched through
-    `rollout.generate`. Returns (scores [N] in {0., 1.}, stats). An unparsable verdict scores 0 and is
-    counted in stats["n_unparsable"]; a response longer than `max_response_chars` is cut from the left
-    (its end holds the answer) and counted in stats["n_truncated"]."""
-    from rollout import encode_prompts, generate  # late import: rollout imports nothing from here
-
+    """r_ans from a text-only LLM judge (any causal LM + its tokenizer), greedy, batched through transformers'
+    `generate`. Returns (scores [N] in {0., 1.}, stats). An unparsable verdict scores 0 and is counted in
+    stats["n_unparsable"]; a response longer than `max_response_chars` is cut from the left (its end holds
+    the answer) and counted in stats["n_truncated"]."""
     n_cut = sum(len(r) > max_response_chars for r in responses)
     responses = [r[-max_response_chars:] for r in responses]
-    prompts = [judge_prompt(q, a, r) for q, a, r in zip(questions, answers, responses)]
+    chats = [[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": judge_prompt(q, a, r)}]
+             for q, a, r in zip(questions, answers, responses)]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    verdicts = []
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=pad)                                 # not the judge's own settings
     device = next(model.parameters(), torch.zeros(0)).device  # (CPU for a model without weights)
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        enc = encode_prompts(tokenizer, None, chunk, [None] * len(chunk), system=JUDGE_SYSTEM)
-        enc = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.items()}  # to the judge's device
-        out = generate(model, enc, max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_token_id=eos, pad_token_id=pad)
-        for ids, mask in zip(out.response_ids, out.response_mask):  # [T], [T]
-            verdicts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
+    verdicts = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, padding_side="left",  # every row ends together
+                        add_special_tokens=False, return_tensors="pt").to(device)
+        out = model.generate(**enc, generation_config=greedy)                   # [b, P + new tokens]
+        verdicts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     parsed = [parse_judge_score(v) for v in verdicts]
     scores = torch.tensor([p if p is not None else 0.0 for p in parsed])  # [N]
     n_bad = sum(p is None for p in parsed)

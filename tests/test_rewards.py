@@ -168,46 +168,41 @@ def test_judge_prompt_holds_question_truth_and_response():
     assert "<answer>" in rewards.JUDGE_SYSTEM
 
 
-class _FakeRollout:
-    def __init__(self, response_ids, response_mask):
-        self.response_ids, self.response_mask = response_ids, response_mask
+class _ScriptedJudge(torch.nn.Module):
+    """A judge whose `generate` appends scripted verdicts and records what it was given."""
+
+    def __init__(self, tok, verdicts):
+        super().__init__()
+        self.tok, self.verdicts, self.batches = tok, iter(verdicts), []
+        self.generation_config = type("G", (), {"eos_token_id": tok.eos_token_id})()
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        assert not generation_config.do_sample                                  # greedy
+        assert (attention_mask[:, -1] == 1).all()                               # left-padded: rows end together
+        self.batches.append([self.tok.decode(row[m.bool()]) for row, m in zip(input_ids, attention_mask)])
+        new = [self.tok(next(self.verdicts), add_special_tokens=False)["input_ids"] for _ in input_ids]
+        T = max(len(n) for n in new) + 2
+        out = torch.full((len(new), T), self.tok.pad_token_id)
+        for r, n in enumerate(new):
+            out[r, :len(n)] = torch.tensor(n)
+        return torch.cat([input_ids, out], 1)
 
 
-def test_judge_rewards_with_scripted_verdicts(monkeypatch, tiny_student):
+def test_judge_rewards_with_scripted_verdicts(tiny_student):
     """The judge's plumbing (prompting, batching, decoding, parsing, stats) with a scripted generate."""
-    import rollout
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    verdicts = iter(["right <answer>1</answer>", "wrong <answer>0</answer>", "garbage", "<answer>2</answer>",
-                     "ok <answer>1</answer>"])
-    seen = []
-
-    def fake_encode(tokenizer, image_processor, questions, images, system=None):
-        assert image_processor is None and all(im is None for im in images) and system == rewards.JUDGE_SYSTEM
-        seen.append(list(questions))
-        return {"n": len(questions)}
-
-    def fake_generate(model, prompts, *, max_new_tokens, temperature=1.0, **kw):
-        assert temperature == 0.0  # greedy
-        texts = [next(verdicts) for _ in range(prompts["n"])]
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        T = max(len(i) for i in ids) + 2
-        out = torch.full((len(ids), T), tok.pad_token_id)
-        mask = torch.zeros((len(ids), T), dtype=torch.bool)
-        for r, i in enumerate(ids):
-            out[r, :len(i)], mask[r, :len(i)] = torch.tensor(i), True
-        return _FakeRollout(out, mask)
-
-    monkeypatch.setattr(rollout, "encode_prompts", fake_encode)
-    monkeypatch.setattr(rollout, "generate", fake_generate)
-    model = torch.nn.Module()
-    model.generation_config = type("G", (), {"eos_token_id": tok.eos_token_id})()
+    model = _ScriptedJudge(tok, ["right <answer>1</answer>", "wrong <answer>0</answer>", "garbage",
+                                 "<answer>2</answer>", "ok <answer>1</answer>"])
     scores, stats = judge_rewards(model, tok, ["q"] * 5, ["a"] * 5, ["r"] * 4 + ["x" * 50], batch_size=2,
                                   max_response_chars=20)
     assert scores.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert stats["n_unparsable"] == 2 and stats["n_truncated"] == 1 and stats["n"] == 5
-    assert [len(b) for b in seen] == [2, 2, 1]
+    assert [len(b) for b in model.batches] == [2, 2, 1]
+    prompts = [p for b in model.batches for p in b]
+    assert all(rewards.JUDGE_SYSTEM in p for p in prompts)                       # the system message
+    assert "x" * 20 in prompts[4] and "x" * 21 not in prompts[4]                 # cut from the left
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +224,8 @@ def tiny_judge(tiny_student, tmp_path_factory):
 
 
 def test_judge_rewards_end_to_end(tiny_judge):
-    """Real rollout.generate over a tiny random judge: garbage verdicts score 0 and are counted, no
+    """transformers' generate over a tiny random judge: garbage verdicts score 0 and are counted, no
     exception."""
-    import rollout
-    if not (hasattr(rollout, "encode_prompts") and hasattr(rollout, "generate")):
-        pytest.skip("rollout.encode_prompts / rollout.generate are not written yet")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_judge).eval()
