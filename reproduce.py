@@ -104,18 +104,20 @@ def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[s
     """The commands that build what the runs share, when missing, as (log name, ril.py args): the SFT start on
     the embedded task, then one discriminator per set of imitated teachers (each pre-trained on the teachers
     its configurations imitate). ril.py itself pre-trains a discriminator again when its SFT start has
-    changed."""
-    shared = ["--out-dir", str(out), "--name", "shared"]
+    changed. Each stage runs in a folder of its own, <out>/shared-<log name>, started again (--overwrite) when
+    an earlier attempt left one: a stage runs only when what it builds is missing."""
+    def shared(log: str) -> list[str]:
+        return ["--out-dir", str(out), "--name", f"shared-{log}", "--overwrite"]
     todo = []
     if flag_value(extra, "--student") is None and not (TINY_DIR / "tiny-sft" / "config.json").exists():
-        todo.append(("sft", ["--stage", "sft"] + shared + extra))
+        todo.append(("sft", ["--stage", "sft"] + shared("sft") + extra))
     for teachers in dict.fromkeys(teachers_of(n) for n in names if uses_disc(n)):
         path = disc_dir(out, extra, teachers)
         if path is not None and (todo or not (path / "config.json").exists()):
             flags = (["--teachers", teachers] if teachers else []) + (
                 ["--discriminator", str(path)] if flag_value(extra, "--student") else [])
-            todo.append((f"disc{teachers and '-' + teachers.replace(',', '+')}",
-                         ["--stage", "disc"] + shared + extra + flags))
+            log = f"disc{teachers and '-' + teachers.replace(',', '+')}"
+            todo.append((log, ["--stage", "disc"] + shared(log) + extra + flags))
     return todo
 
 

@@ -48,6 +48,8 @@ def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, c
              for a in prep]
     assert built == [("methodical", str(tmp_path / "shared" / "discriminator-methodical")),
                      (None, str(tmp_path / "shared" / "discriminator"))]
+    names = [reproduce.flag_value(a, "--name") for a in prep]  # a used run folder is refused: one each
+    assert names == ["shared-disc-methodical", "shared-disc"] and all("--overwrite" in a for a in prep)
     rl = [line.split() for line in lines if "--stage rl" in line]
     runs = {reproduce.flag_value(a, "--name"): a for a in rl}
     disc = reproduce.flag_value(runs["ril-methodical-s0"], "--discriminator")
