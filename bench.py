@@ -18,6 +18,12 @@ cached teacher responses and as many plain ones), its fixed prompt start run onc
 shared against written into every row (discriminator.encode_for_discriminator's shared_prefix).
 Each is timed --repeats times, alternating, and the fastest run of each counts (other processes only ever add
 time). Absolute numbers mean little on a shared CPU; the ratios are the point.
+
+Agreement (`--what agree`, not part of `all`): greedy answers to every question of `--split`, rollout.generate
+against transformers' generate given nothing but do_sample=False (the checkpoint's generation_config.json
+does the rest); how many responses are identical, and the accuracy of each.
+
+    python bench.py --what agree --student runs/ril/checkpoints/step-200/student --split val
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+import rewards
 import rollout
+from data.dataset import encode_rows, load_jsonl
 
 SHARES = {"forward": ["embed_prompts", "forward"], "sampling": ["sample_next"],
           "cache": ["allocate_cache", "share_prefill", "drop_rows"]}
@@ -75,6 +83,30 @@ def response_tokens(ids: torch.Tensor, eos: list[int]) -> int:
     return int(first.sum())
 
 
+def agree(a, model, tok, ip, data: Path) -> None:
+    """Greedy responses to every row of the split, rollout.generate vs transformers' generate (see above)."""
+    rows = load_jsonl(data / f"{a.split}.jsonl")
+    gc = model.generation_config
+    same = right_ours = right_theirs = 0
+    for i in range(0, len(rows), 32):
+        batch = rows[i:i + 32]
+        p = encode_rows(model, tok, ip, batch, a.device)
+        ours = rollout.generate(model, p, max_new_tokens=gc.max_new_tokens or a.max_new_tokens, temperature=0,
+                                repetition_penalty=gc.repetition_penalty or 1.0)
+        theirs = model.generate(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
+                                mm_token_type_ids=p["mm_token_type_ids"], do_sample=False,
+                                **rollout.vision_inputs(p))[:, p["input_ids"].shape[1]:]        # [b, T]
+        for row, ids, mask, hf in zip(batch, ours.response_ids, ours.response_mask, theirs):
+            text_ours = tok.decode(ids[mask].tolist(), skip_special_tokens=True)
+            text_theirs = tok.decode(hf.tolist(), skip_special_tokens=True)
+            same += text_ours == text_theirs
+            right_ours += rewards.answer_reward(text_ours, row["answer"])
+            right_theirs += rewards.answer_reward(text_theirs, row["answer"])
+    n = len(rows)
+    print(f"[greedy, {a.split}, n={n}] identical responses {same}/{n}; accuracy: rollout.generate "
+          f"{right_ours / n:.3f}, transformers generate {right_theirs / n:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default=None, help="checkpoint folder; default: build the tiny student")
@@ -88,7 +120,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each, alternating; the fastest counts")
-    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc"))
+    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc", "agree"))
+    p.add_argument("--split", default="val", help="--what agree: the split whose questions are answered")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data = Path(a.data)
@@ -110,6 +143,8 @@ def main():
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     eos = rollout.eos_list(model, None)
     print(f"device {a.device} ({torch.get_num_threads()} threads), student {a.student}")
+    if a.what == "agree":
+        return agree(a, model, tok, ip, data)
     print(f"workload: {len(rows)} prompts x {a.samples} samples, {knobs}, max_new_tokens {a.max_new_tokens}")
 
     if a.what in ("all", "logprobs"):

@@ -111,9 +111,10 @@ def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[s
     todo = []
     if flag_value(extra, "--student") is None and not (TINY_DIR / "tiny-sft" / "config.json").exists():
         todo.append(("sft", ["--stage", "sft"] + shared("sft") + extra))
+    new_start = bool(todo)                                   # a new SFT start: every discriminator again
     for teachers in dict.fromkeys(teachers_of(n) for n in names if uses_disc(n)):
         path = disc_dir(out, extra, teachers)
-        if path is not None and (todo or not (path / "config.json").exists()):
+        if path is not None and (new_start or not (path / "config.json").exists()):
             flags = (["--teachers", teachers] if teachers else []) + (
                 ["--discriminator", str(path)] if flag_value(extra, "--student") else [])
             log = f"disc{teachers and '-' + teachers.replace(',', '+')}"

@@ -108,3 +108,13 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     assert "4 finished (skipped), 0 to do" in printed and "0 runs (4 skipped)" in printed
     assert {r: (out / r / "summary.json").stat().st_mtime_ns for r in runs} == stamps
     assert (out / "table.md").read_text() == table
+
+
+def test_only_missing_discriminators_are_built(tmp_path, capsys):
+    """An existing discriminator is reused even when another one has to be built first."""
+    (tmp_path / "shared" / "discriminator").mkdir(parents=True)
+    (tmp_path / "shared" / "discriminator" / "config.json").write_text("{}")
+    reproduce.main(["--dry-run", "--only", "ril-methodical,ril-both", "--seeds", "0", "--out", str(tmp_path),
+                    "--", "--student", str(tmp_path)])
+    prep = [line.split() for line in capsys.readouterr().out.splitlines() if "--stage disc" in line]
+    assert [reproduce.flag_value(a, "--teachers") for a in prep] == ["methodical"]
