@@ -327,8 +327,11 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 
 def publish(module, path: Path, *extras) -> None:
     """save_pretrained into `path` atomically: written beside it, then renamed over it, so a kill or a full
-    disk never leaves a half-written model where a later run would load it."""
+    disk never leaves a half-written model where a later run would load it. Only a model is replaced: a folder
+    that holds anything else is refused."""
     path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists()):
+        raise SystemExit(f"{path} exists and holds no model: not replacing it (give a new or empty folder)")
     tmp = path.with_name(path.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -162,6 +162,9 @@ def check_config(cfg: Config) -> None:
         written = key == "discriminator" and cfg.stage == "disc"        # --stage disc writes it
         if path and not written and (key, path) != ("test_data", "none") and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
+    if cfg.discriminator and cfg.stage != "disc" and not (Path(cfg.discriminator) / "config.json").exists():
+        raise SystemExit(f"--discriminator {cfg.discriminator} holds no discriminator (no config.json); "
+                         "pre-train one into it with --stage disc")
     if cfg.student:
         distributed.check_student(cfg.student)
     if cfg.student and cfg.stage in ("all", "rl") and not cfg.data:

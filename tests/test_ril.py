@@ -332,3 +332,16 @@ def test_a_run_whose_updates_keep_failing_stops(tiny_student, embedded, tmp_path
     with pytest.raises(SystemExit, match="3 updates in a row had a non-finite") as e:
         ril.main(args)
     assert e.value.code != 0 and not (tmp_path / "ril" / "checkpoints" / "step-3").exists()
+
+
+def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
+    """--discriminator naming a folder that holds no discriminator fails before any work, and publish refuses
+    to replace a folder that holds something other than a model: its files stay."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="holds no discriminator"):
+        ril.parse_config(["--discriminator", str(mine)])
+    with pytest.raises(SystemExit, match="holds no model"):
+        distributed.publish(torch.nn.Linear(1, 1), mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
