@@ -28,9 +28,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.build import TINY_DIR  # where ril.py's embedded pipeline keeps tiny-sft and tiny-disc
+
 ROOT = Path(__file__).resolve().parent
 RIL = ROOT / "ril.py"
-TINY_DIR = ROOT / "checkpoints"  # where ril.py's embedded pipeline keeps tiny-sft and tiny-disc
 
 # The grid: configuration name -> the ril.py flags that make it (everything else is ril.py's default).
 GRID = {
@@ -46,8 +47,8 @@ GRID = {
 }
 SEEDS = [0, 1, 2]
 OWN_FLAGS = ("--stage", "--name", "--out-dir", "--seed", "--resume")  # set per run by this script
-# Processes per run and runs at once: on two cores one 2-process run at a time does an RL step ~10% faster than
-# two 1-process runs side by side (docs/LOG.md, world v1).
+# Processes per run and runs at once: on two cores one 2-process run at a time does an RL step ~10% faster
+# than two 1-process runs side by side (docs/LOG.md, world v1).
 NPROC, PARALLEL = 2, 1
 # Every run takes ril.py's own settings: on the embedded task EMBEDDED in ril.py, with --student the paper's.
 # What a grid costs on two cores: docs/reproduce.md (--steps N shortens every run).

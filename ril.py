@@ -610,7 +610,9 @@ def main(argv=None) -> None:
     have_disc = bool(disc) and (Path(disc) / "config.json").exists()
     why = None  # a pre-trained D of another student or other teachers is pre-trained again (or refused)
     if needs_disc and have_disc and cfg.stage != "disc":
-        why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+        if rank == 0:  # rank 0 hashes the student's weights, every rank gets its verdict
+            why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+        why = distributed.all_gather_list([why])[0]
         if why and cfg.discriminator:
             raise SystemExit(f"--discriminator {disc}: {why}; pre-train one for this run with --stage disc")
         if why and rank == 0:

@@ -178,7 +178,7 @@ class _ScriptedJudge(torch.nn.Module):
 
     def generate(self, input_ids, attention_mask, generation_config):
         assert not generation_config.do_sample                                  # greedy
-        assert (attention_mask[:, -1] == 1).all()                               # left-padded: rows end together
+        assert (attention_mask[:, -1] == 1).all()                  # left-padded: rows end together
         self.batches.append([self.tok.decode(row[m.bool()]) for row, m in zip(input_ids, attention_mask)])
         new = [self.tok(next(self.verdicts), add_special_tokens=False)["input_ids"] for _ in input_ids]
         T = max(len(n) for n in new) + 2
