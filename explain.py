@@ -21,7 +21,8 @@ import discriminator
 import distributed
 import ril
 import rollout
-from data.dataset import load_jsonl
+from data.build import split_paths
+from data.dataset import load_jsonl, teacher_names
 
 OUT = Path(__file__).parent / "docs" / "one-step.md"
 
@@ -51,13 +52,13 @@ def explain(cfg: ril.Config, student: str, disc: str, device) -> tuple[dict, lis
     """One step of Algorithm 2 on one question; (the question, one row per response with every number)."""
     cfg = dataclasses.replace(cfg, batch_size=1)
     rows = load_jsonl(cfg.data)
-    names = ril.imitated_teachers(cfg, rows)
+    names = teacher_names(rows, cfg.teachers, cfg.data)
     m = ril.load_models(cfg, student, disc, None, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     batch = [rows[cfg.seed % len(rows)]]
     # 1-2. pi_old <- pi_theta; G student samples + G cached teacher responses
     prompts, ids, mask, k, _ = ril.sample_group(cfg, 0, batch, m, names, gen)
-    texts = ril.decode(m.tok, ids, mask)
+    texts = [m.tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
     is_student = ril.student_rows(len(texts), k, cfg.group_size)
     # 3. the discriminator's update on this group (Eq. 1)
     student_texts = [t for t, s in zip(texts, is_student) if s]
@@ -128,7 +129,7 @@ def main(argv=None) -> list[dict]:
     _, world, device = distributed.setup()
     if world > 1:
         raise SystemExit("explain.py runs one process: python explain.py")
-    cfg = ril.ensure_embedded(cfg, 0)
+    cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg))) if not cfg.student else cfg
     student = cfg.student or str(ril.TINY_DIR / "tiny-sft")
     disc = cfg.discriminator or str(ril.TINY_DIR / "tiny-disc")
     for path, stage in ((student, "sft"), (disc, "disc")):

@@ -36,8 +36,10 @@ import distributed
 import evaluate
 import rewards
 import rollout
-from data.build import EMBEDDED_DIR, SPLIT_FILES, TINY_DIR, build_missing
-from data.dataset import encode_rows, load_jsonl, sft_rows, step_rows, teacher_names, teacher_slots
+from data import teacher_cache
+from data.build import EMBEDDED_DIR, TINY_DIR, build_missing, split_paths
+from data.dataset import (DatasetError, encode_rows, load_jsonl, sft_rows, step_rows, teacher_names,
+                          teacher_slots)
 
 # ---- Config ------------------------------------------------------------------------------------------------
 @dataclass
@@ -114,8 +116,7 @@ def parse_config(argv=None) -> Config:
     """argparse built from Config; embedded defaults apply when no --student is given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"without --student these defaults change: {EMBEDDED}")
-    fields = inspect.getsource(Config)
-    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", fields, re.M))  # each field's comment: its help
+    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # comments: help
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --flag / --no-flag (an EMBEDDED default can be turned off)
@@ -235,8 +236,7 @@ def sampling(cfg: Config) -> dict:
                 repetition_penalty=cfg.repetition_penalty)
 
 def load_student(cfg: Config, path: str, device, lr: float) -> tuple:
-    """(model, tokenizer, image processor, optimizer) of a student to train, FSDP2-sharded; the
-    generation_config it will be saved with describes the run's sampler (distributed.sampler_defaults)."""
+    """(model, tokenizer, image processor, optimizer) to train, sharded; generation_config: the sampler."""
     model, tok, proc = distributed.load_pretrained(path, device, checkpointing=cfg.grad_checkpointing,
                                                    keep_gathered=cfg.keep_gathered)
     distributed.sampler_defaults(model, tok, max_new_tokens=cfg.max_new_tokens, **sampling(cfg))
@@ -251,10 +251,6 @@ def stage_loop(cfg: Config, folder: Path, steps: int, trained: dict, gen, ckpt, 
 def student_rows(n: int, k: int, g: int) -> torch.Tensor:
     """[n] bool: which of n responses (k per question, the G student samples first) are the student's."""
     return (torch.arange(n) % k) < g
-
-def decode(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Response texts: the masked tokens of each row, special tokens dropped."""
-    return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 # ---- Stage 1: SFT warm start (cross-entropy on the response tokens; prompt tokens masked) ------------------
 def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> None:
@@ -293,35 +289,20 @@ def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> N
     distributed.publish(model, out, tok, proc)
 
 # ---- Stage 2: discriminator pre-training on student samples vs cached teacher responses (Eq. 1) ------------
-def imitated_teachers(cfg: Config, rows: list[dict]) -> list[str]:
-    """--teachers, or every teacher cached in every row; a clear message when one is missing."""
-    try:
-        return teacher_names(rows, cfg.teachers)
-    except ValueError as e:
-        raise SystemExit(f"{cfg.data}: {e}") from None
-
 def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, device, rank: int) -> None:
-    """Sample the student on cfg.disc_questions questions (cfg.disc_samples each, RL sampling settings; or
-    take its cached samples, the `students` field, when every row has them), take every cached response of
-    the chosen teachers on them (all labelled teacher), train D (Eq. 1) and publish it to `out` with what it
-    saw. Checkpoints, metrics.jsonl and --resume in `folder` (distributed.Loop)."""
+    """Train D (Eq. 1) on the student's samples on cfg.disc_questions questions (cfg.disc_samples each, RL
+    sampling settings; its cached ones when every row has them) against every cached response of the chosen
+    teachers on them (all labelled teacher); publish it to `out` with what it saw. Checkpoints,
+    metrics.jsonl and --resume in `folder` (distributed.Loop)."""
     world = distributed.world_size()
     rows = load_jsonl(cfg.data)
-    names = imitated_teachers(cfg, rows)
-    cached = all("students" in r for r in rows)  # written by data/teacher_cache.py --field students
+    names = teacher_names(rows, cfg.teachers, cfg.data)
     n = min(cfg.disc_questions, len(rows)) // world * world
     rows = step_rows(rows, 0, n, cfg.seed + 1, rank, world)
     model, tok, proc = distributed.load_pretrained(student, device, trainable=False)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
-    for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=rank != 0):
-        prompts = encode_rows(model, tok, proc, rows[i:i + 16], device)
-        out_ = rollout.generate(model, prompts, max_new_tokens=cfg.max_new_tokens,
-                                num_samples=cfg.disc_samples, generator=gen, **sampling(cfg))
-        student_texts += decode(tok, out_.response_ids, out_.response_mask)
-    teacher_texts = [t for r in rows for name in names for t in r["teachers"][name]]
-    cut = rollout.encode_responses(tok, teacher_texts, cfg.max_new_tokens, tok.eos_token_id)
-    teacher_texts = decode(tok, cut[0], cut[1])                  # as RL gives them to D: cut, decoded
+    student_texts, teacher_texts = teacher_cache.discriminator_texts(
+        model, tok, proc, rows, names, cfg.disc_samples, cfg.max_new_tokens, sampling(cfg), gen, rank == 0)
     del model
     ckpt = distributed.latest_checkpoint(folder) if cfg.resume else None
     disc = discriminator.Discriminator.from_pretrained(ckpt / "discriminator") if ckpt else \
@@ -343,9 +324,10 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
     distributed.publish(disc, out)
     if rank == 0:  # which student and teachers it learnt to tell apart (a later run checks them)
         discriminator.record_origin(out, student, names)
-        print(f"discriminator trained on {len(student_texts)} {'cached' if cached else 'sampled'} student "
-              f"responses per rank, {loop.progress.skipped} steps skipped; last batch accuracy "
-              f"{stats['accuracy']:.3f}", flush=True)
+        source = "cached" if all("students" in r for r in rows) else "sampled"
+        print(f"discriminator trained on {len(student_texts)} {source} student responses per rank, "
+              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}",
+              flush=True)
     distributed.barrier()
 
 # ---- Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo) -------------------------------
@@ -363,13 +345,6 @@ class Models:
     dopt: torch.optim.Optimizer | None = None
     judge: torch.nn.Module | None = None
     judge_tok: object = None
-
-    def trained(self) -> dict:
-        """{checkpoint folder: (model, optimizer, extras saved beside it)}: distributed.save_checkpoint's."""
-        out = {"student": (self.policy, self.popt, (self.tok, self.proc))}
-        if self.disc is not None:
-            out["discriminator"] = (self.disc, self.dopt, ())
-        return out
 
 def by_question(x: torch.Tensor, questions: int, width: int) -> torch.Tensor:
     """[questions * G, T] -> [questions, G, width], right-padded with zeros."""
@@ -459,12 +434,11 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
             ent_n += is_student[s, w].sum().item()
         step = distributed.optimizer_step(m.policy, m.popt, cfg.grad_clip, loss_sum)  # non-finite: skipped
         skipped += step["skipped"]
-    return {"policy/loss": loss_sum, "policy/kl": sum(x["kl"] for x in stats) / len(stats),
-            "policy/clip_frac": sum(x["clip_frac"] for x in stats) / len(stats),
-            "policy/ratio_min": min(x["ratio_min"] for x in stats),
-            "policy/ratio_max": max(x["ratio_max"] for x in stats),
-            "policy/entropy": ent_sum / max(ent_n, 1), "policy/grad_norm": step["grad_norm"],
-            "policy/update": step["update"], "policy/skipped": skipped}
+    mean = {f"policy/{key}": sum(x[key] for x in stats) / len(stats) for key in ("kl", "clip_frac")}
+    return mean | {"policy/loss": loss_sum, "policy/entropy": ent_sum / max(ent_n, 1),
+                   "policy/ratio_min": min(x["ratio_min"] for x in stats), "policy/update": step["update"],
+                   "policy/ratio_max": max(x["ratio_max"] for x in stats), "policy/skipped": skipped,
+                   "policy/grad_norm": step["grad_norm"]}
 
 def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],
             gen: torch.Generator) -> dict:
@@ -476,7 +450,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
     if distributed.stop_requested():  # SIGTERM during the (longest) phase: save the previous step now
         gen.set_state(gen_before)
         return None
-    texts = decode(m.tok, ids, mask)
+    texts = [m.tok.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
     is_student = student_rows(ids.shape[0], k, cfg.group_size)                             # [N]
     t1 = time.time()
     out = {}
@@ -495,8 +469,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
     t4 = time.time()
     lengths = mask[is_student.to(mask.device)].sum(1).float()
     r_ans, r_sim = parts["r_ans"], parts["r_sim"]
-    out.update({
-        "reward/total": reward[is_student].mean().item(),
+    out.update({"reward/total": reward[is_student].mean().item(),
         "reward/answer": r_ans[is_student].mean().item() if r_ans is not None else None,
         "reward/similarity": r_sim[is_student].mean().item() if r_sim is not None else None,
         "reward/teacher_answer": r_ans[~is_student].mean().item() if r_ans is not None and k > cfg.group_size
@@ -504,8 +477,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
         "response/length": lengths.mean().item(), "response/length_max": lengths.max().item(),
         "response/truncated_teacher": n_trunc, "tokens_per_s": lengths.sum().item() / max(t1 - t0, 1e-9),
         "time/rollout": t1 - t0, "time/disc": t2 - t1, "time/rewards": t3 - t2, "time/update": t4 - t3,
-        "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], reward[0].item()),
-    })
+        "_sample": (batch[0]["question"], batch[0]["answer"], texts[0], reward[0].item())})
     return out
 
 # ---- The loop ----------------------------------------------------------------------------------------------
@@ -528,7 +500,7 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
     """The RL stage; returns the summary (evaluate.final_reports, skipped steps, the config)."""
     rows = load_jsonl(cfg.data)
     eval_rows = load_jsonl(cfg.eval_data)[:cfg.eval_limit or None] if cfg.eval_data else []
-    names = imitated_teachers(cfg, rows) if cfg.algo == "ril" else []
+    names = teacher_names(rows, cfg.teachers, cfg.data) if cfg.algo == "ril" else []
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
@@ -537,7 +509,9 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         raise SystemExit(f"--resume: no checkpoint in {run / 'checkpoints'}")
     m = load_models(cfg, student, disc_path, ckpt, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    loop, bar = stage_loop(cfg, run, cfg.steps, m.trained(), gen, ckpt, cfg.algo, rank)
+    trained = {"student": (m.policy, m.popt, (m.tok, m.proc))}            # the checkpoints' folders
+    trained |= {"discriminator": (m.disc, m.dopt, ())} if m.disc is not None else {}
+    loop, bar = stage_loop(cfg, run, cfg.steps, trained, gen, ckpt, cfg.algo, rank)
     notes = loop.progress.notes
     if not ckpt and eval_rows:
         notes["val_start"] = evaluate.held_out(m.policy, m.tok, m.proc, eval_rows, rows, cfg.max_new_tokens)
@@ -561,25 +535,13 @@ def train_rl(cfg: Config, student: str, disc_path: str | None, run: Path, device
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0:  # one response
             tqdm.write("[step {}] Q: {} (answer {})\n  -> {!r} R={}".format(step + 1, *sample))
     test_rows = load_jsonl(cfg.test_data) if cfg.test_data not in ("", "none") else []  # read only here
-    start = m.ref
-    if test_rows and start is None:  # beta = 0: pi_ref was not loaded
-        start = distributed.load_pretrained(student, device, trainable=False)[0]
-    summary = evaluate.final_reports(m.policy, start, m.tok, m.proc, rows, eval_rows, test_rows,
+    if test_rows and m.ref is None:  # beta = 0: pi_ref (the start) was not loaded
+        m.ref = distributed.load_pretrained(student, device, trainable=False)[0]
+    summary = evaluate.final_reports(m.policy, m.ref, m.tok, m.proc, rows, eval_rows, test_rows,
                                      notes.get("val_start"), cfg.max_new_tokens)
     return summary | {"skipped_steps": loop.progress.skipped, "config": dataclasses.asdict(cfg)}
 
 # ---- main --------------------------------------------------------------------------------------------------
-def ensure_embedded(cfg: Config, rank: int) -> Config:
-    """Without --student: build the embedded dataset and tiny student if missing (rank 0; the others wait) and
-    point the data paths not given at them."""
-    if cfg.student:
-        return cfg
-    if rank == 0:
-        build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
-    distributed.barrier()
-    paths = {key: getattr(cfg, key) or str(EMBEDDED_DIR / file) for key, file in SPLIT_FILES.items()}
-    return dataclasses.replace(cfg, **paths)
-
 # what each stage writes in runs/<name> (SFT and D's pre-training: their checkpoints and metrics.jsonl)
 WRITES = dict(sft=("sft-stage",), disc=("disc-stage",), rl=("metrics.jsonl", "summary.json", "checkpoints"))
 WRITES["all"] = WRITES["sft"] + WRITES["disc"] + WRITES["rl"]
@@ -589,35 +551,37 @@ def main(argv=None) -> None:
     rank, world, device = distributed.setup()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    cfg = ensure_embedded(cfg, rank)
+    if not cfg.student:  # the embedded world: built when missing (by rank 0), its splits as the data
+        if rank == 0:
+            build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
+        distributed.barrier()
+        cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg)))
     run = Path(cfg.out_dir) / cfg.name
     distributed.prepare_run(run, WRITES[cfg.stage], cfg.resume, cfg.overwrite, dataclasses.asdict(cfg))
-    student, disc = cfg.student, cfg.discriminator
-    if not cfg.student:  # the embedded pipeline: reuse each stage's output when it exists
-        student = str(TINY_DIR / "tiny-sft")
-        built = (Path(student) / "config.json").exists()
-        if cfg.stage == "sft" or (cfg.stage == "all" and not built):
-            sft(cfg, str(TINY_DIR / "tiny-student"), Path(student), run / "sft-stage", device, rank)
-        elif not built:
-            raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
-                             "(or the whole pipeline) first")
-        # one pre-trained D per set of imitated teachers, rebuilt after a new SFT (origin_mismatch)
-        suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
-        disc = disc or str(TINY_DIR / f"tiny-disc{suffix}")
-    elif cfg.stage == "sft":
-        sft(cfg, cfg.student, run / "sft", run / "sft-stage", device, rank)
-    needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage in ("all", "disc", "rl")
-    have_disc = bool(disc) and (Path(disc) / "config.json").exists()
-    why = None  # a pre-trained D of another student or other teachers is pre-trained again (or refused)
-    if needs_disc and have_disc and cfg.stage != "disc":
+    # RL starts from --student, or from the embedded SFT student (trained first when missing)
+    student = cfg.student or str(TINY_DIR / "tiny-sft")
+    built = (Path(student) / "config.json").exists()
+    if cfg.stage == "sft" or (cfg.stage == "all" and not built):
+        out = run / "sft" if cfg.student else Path(student)
+        sft(cfg, cfg.student or str(TINY_DIR / "tiny-student"), out, run / "sft-stage", device, rank)
+    elif not built:
+        raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
+                         "(or the whole pipeline) first")
+    # one pre-trained D per student and set of imitated teachers (embedded: a folder per set of teachers)
+    suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
+    disc = cfg.discriminator or ("" if cfg.student else str(TINY_DIR / f"tiny-disc{suffix}"))
+    needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage != "sft"
+    why = "none yet" if cfg.stage == "disc" or not (disc and (Path(disc) / "config.json").exists()) else None
+    if needs_disc and why is None:  # one of another student or other teachers: pre-trained again (or refused)
         if rank == 0:  # rank 0 hashes the student's weights, every rank gets its verdict
-            why = discriminator.origin_mismatch(disc, student, imitated_teachers(cfg, load_jsonl(cfg.data)))
+            names = teacher_names(load_jsonl(cfg.data), cfg.teachers, cfg.data)
+            why = discriminator.origin_mismatch(disc, student, names)
         why = distributed.all_gather_list([why])[0]
         if why and cfg.discriminator:
             raise SystemExit(f"--discriminator {disc}: {why}; pre-train one for this run with --stage disc")
         if why and rank == 0:
             print(f"{disc}: {why}: pre-training it again", flush=True)
-    if needs_disc and (why or cfg.stage == "disc" or not have_disc):
+    if needs_disc and why:
         disc = disc or str(run / "discriminator")
         pretrain_discriminator(cfg, student, Path(disc), run / "disc-stage", device, rank)
     if cfg.stage in ("all", "rl"):
@@ -630,4 +594,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetError as e:  # a bad data file: its name, line and problem, without a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -31,10 +31,16 @@ from data.teachers import TEACHERS, plain_response, styled_response, teacher_res
 EMBEDDED_DIR = Path(__file__).parent / "embedded"        # the embedded dataset, built on the first run
 TINY_DIR = Path(__file__).parent.parent / "checkpoints"  # the tiny student, its SFT, its discriminators
 SPLIT_FILES = dict(data="train.jsonl", eval_data="val.jsonl", test_data="test.jsonl", sft_data="sft.jsonl")
+
 # Questions per split (one scene each); a test accuracy of 1,000 questions has a 95% interval of about +-0.03.
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 SFT_TASK_SHARE = 0.1     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
+
+
+def split_paths(given: dict) -> dict:
+    """{flag: path} of the embedded splits for the data flags of `given` that are empty."""
+    return {key: given.get(key) or str(EMBEDDED_DIR / file) for key, file in SPLIT_FILES.items()}
 
 
 def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set,

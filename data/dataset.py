@@ -90,11 +90,15 @@ def _check_row(row, base: Path) -> str | None:
     return None
 
 
+class DatasetError(ValueError):
+    """A bad dataset: the message names the file (and the line) and what is wrong."""
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
-    """Read and validate a dataset; image paths come back absolute. Raises ValueError on the first bad row."""
+    """Read and validate a dataset; image paths come back absolute. Raises DatasetError at a bad row."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such dataset file")
+        raise DatasetError(f"{path}: no such dataset file")
     rows, seen = [], {}
     with open(path, "rb") as f:  # binary, decoded line by line, so bad bytes are reported with their line
         for lineno, raw in enumerate(f, 1):
@@ -102,22 +106,22 @@ def load_jsonl(path: str | Path) -> list[dict]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
-                raise ValueError(f"{path}:{lineno}: not UTF-8 ({bad})") from None
+                raise DatasetError(f"{path}:{lineno}: not UTF-8 ({bad})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON: {e}") from None
+                raise DatasetError(f"{path}:{lineno}: bad JSON: {e}") from None
             problem = _check_row(row, path.parent)
             if problem is None and row["id"] in seen:
                 problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
             if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
+                raise DatasetError(f"{path}:{lineno}: {problem}")
             seen[row["id"]] = lineno
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: the file holds no rows")
+        raise DatasetError(f"{path}: the file holds no rows")
     empty = sum(not t.strip() for r in rows for field in ("teachers", "students")
                 for ts in r.get(field, {}).values() for t in ts)
     if empty:  # kept (a model may answer nothing; it then earns no answer reward), but never unnoticed
@@ -131,10 +135,11 @@ def sft_rows(path: str | Path) -> list[dict]:
     rows = load_jsonl(path)
     kept = [r for r in rows if "response" in r]
     if not kept:
-        raise SystemExit(f"{path}: no row has a `response` field to fine-tune on")
+        raise DatasetError(f"{path}: no row has a `response` field to fine-tune on")
     if len(kept) < len(rows):
         log.warning("%s: %d of %d rows have no `response`: skipped", path, len(rows) - len(kept), len(rows))
     return kept
+
 
 def load_image(path: str | None) -> Image.Image | None:
     """An RGB image from a path returned by load_jsonl (None stays None)."""
@@ -202,21 +207,22 @@ def step_rows(items: list, step: int, per_step: int, seed: int, rank: int = 0, w
     return [items[epoch_permutation(n, seed, pos // n)[pos % n]] for pos in range(start, start + share)]
 
 
-def teacher_names(rows: list[dict], wanted: str = "") -> list[str]:
+def teacher_names(rows: list[dict], wanted: str = "", source: str = "the rows") -> list[str]:
     """The teachers to imitate: the comma-separated `wanted`, or every teacher cached in any row. Each must be
-    cached in every row: a teacher some rows lack raises ValueError rather than silently leaving the run."""
+    cached in every row: a teacher some rows lack raises DatasetError (naming `source`) rather than silently
+    leaving the run."""
     cached = [set(r.get("teachers", {})) for r in rows]
     have = set.intersection(*cached)
     names = [t for t in wanted.split(",") if t] if wanted else sorted(set.union(*cached))
     missing = [t for t in names if t not in have]
     if not names:
-        raise ValueError("no teacher responses are cached in the rows")
+        raise DatasetError(f"{source}: no teacher responses are cached in the rows")
     if missing:
         lacking = [r["id"] for r, c in zip(rows, cached) if missing[0] not in c]
         hint = "" if wanted else "; name the teachers to imitate (--teachers) to leave it out"
-        raise ValueError(f"teachers {missing} are not cached in every row (have {sorted(have)}): "
-                         f"{len(lacking)} of {len(rows)} rows lack {missing[0]!r}, the first is id "
-                         f"{lacking[0]!r}{hint}")
+        raise DatasetError(f"{source}: teachers {missing} are not cached in every row (have "
+                           f"{sorted(have)}): {len(lacking)} of {len(rows)} rows lack {missing[0]!r}, the "
+                           f"first is id {lacking[0]!r}{hint}")
     return names
 
 

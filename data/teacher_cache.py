@@ -9,7 +9,7 @@ checkpoint, sampled by rollout.generate with the paper's settings (T = 1.0, top-
 penalty 1.05), a batch of questions at a time, one checkpoint after the other (one model in memory at a time).
 - `--field students` writes the student's own samples into `row["students"][name]` instead: ril.py's
   discriminator pre-training then takes them rather than sampling the student itself (the paper's N = 16 per
-  question).
+  question). `discriminator_texts` gives that pre-training its texts, cached or sampled there and then.
 - Resumable: each finished batch is one line appended to OUT.journal (flushed and fsynced; each line holds the
   full response lists of its rows, so replaying it is idempotent); a rerun reads it and goes on with the rest,
   in the same batches and with the same per-batch seeds as a run that was never interrupted. A half-written
@@ -98,6 +98,27 @@ def sample_batch(model, tok, proc, batch: list[dict], need: list[int], max_new_t
         cut += sum(not ended[j] for j in rows)
     return texts, cut
 
+
+def discriminator_texts(model, tok, proc, rows: list[dict], names: list[str], samples: int,
+                        max_new_tokens: int, knobs: dict, gen: torch.Generator,
+                        show: bool = True) -> tuple[list[str], list[str]]:
+    """What D is pre-trained on (Eq. 1): (student texts, teacher texts). The student's are its cached samples
+    (the `students` field) when every row has them, else `samples` drawn per question, 16 questions at a time;
+    the teachers' are every cached response of the teachers `names`, cut at max_new_tokens and decoded, as the
+    RL stage gives them to D."""
+    def decode(ids, mask):
+        return [tok.decode(i[m].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
+    device = rollout.text_model(model).embed_tokens.weight.device
+    cached = all("students" in r for r in rows)
+    student_texts = [t for r in rows for ts in r["students"].values() for t in ts] if cached else []
+    for i in tqdm([] if cached else range(0, len(rows), 16), desc="student samples for D", disable=not show):
+        prompts = encode_rows(model, tok, proc, rows[i:i + 16], device)
+        out = rollout.generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=samples,
+                               generator=gen, **knobs)
+        student_texts += decode(out.response_ids, out.response_mask)
+    teacher_texts = [t for r in rows for name in names for t in r["teachers"][name]]
+    ids, mask, _ = rollout.encode_responses(tok, teacher_texts, max_new_tokens, tok.eos_token_id)
+    return student_texts, decode(ids, mask)
 
 def fill(rows: dict, name: str, path: str, args, journal) -> dict:
     """Top up `name`'s responses to N in every row, a batch at a time, journaling each batch. Returns

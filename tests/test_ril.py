@@ -302,6 +302,17 @@ def test_a_used_run_folder_is_not_overwritten(tiny_student, embedded, tmp_path):
         ril.main(args + ["--out-dir", str(tmp_path / "file")])
 
 
+def test_a_bad_data_file_is_named_without_a_traceback(tiny_student, embedded, tmp_path):
+    """ril.py on a malformed dataset exits non-zero with the file, the line and the problem, and nothing
+    else: no traceback to read through."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q0", "question": \n')
+    p = run(["--student", tiny_student, "--data", bad, "--out-dir", tmp_path, "--algo", "drgrpo",
+             "--stage", "rl"], check=False)
+    assert p.returncode != 0
+    assert f"error: {bad}:1: bad JSON" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
 def test_checkpoints_are_pruned_and_resume_checks_the_process_count(tmp_path):
     """--keep-checkpoints N keeps the N newest; a checkpoint saved by another number of processes is refused
     with the count to use; a torn last metrics line is dropped on resume."""
