@@ -100,8 +100,8 @@ def test_teachers_write_different_styles_and_reflect():
 
 def test_sft_data_is_general_and_teachers_describe_in_its_words(embedded):
     """The SFT split asks GENERAL questions (descriptions plain, other answers plain or in a teacher's style,
-    always right) and a few TASK ones (answered plainly); the RL and test splits only TASK questions; a correct
-    methodical teacher's listing is the SFT description of the same scene, word for word."""
+    always right) and a few TASK ones (answered plainly); the RL and test splits only TASK questions; a
+    correct methodical teacher's listing is the SFT description of the same scene, word for word."""
     sft, train, test = (load_jsonl(embedded / f"{s}.jsonl") for s in ("sft", "train", "test"))
     assert {r["kind"] for r in sft} - set(TASK_TYPES) == set(GENERAL_TYPES)
     assert {r["kind"] for r in train} <= set(TASK_TYPES) and {r["kind"] for r in test} <= set(TASK_TYPES)

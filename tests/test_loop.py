@@ -85,9 +85,9 @@ def test_rl_stop_inside_a_step_abandons_it_and_resumes_exactly(tiny_student, emb
     """A stop requested during a step's rollout abandons the step (no weight changed, the sampling RNG put
     back), saves the step before and exits 0; --resume then matches a run never stopped (sampled, T = 1)."""
     args = ["--student", str(tiny_student), "--data", str(embedded / "train.jsonl"),
-            "--out-dir", str(tmp_path), "--algo", "drgrpo", "--stage", "rl", "--steps", "3", "--batch-size", "2",
-            "--group-size", "2", "--max-new-tokens", "16", "--save-every", "0", "--beta", "0",
-            "--sample-every", "0", "--lr", "1e-3"]
+            "--out-dir", str(tmp_path), "--algo", "drgrpo", "--stage", "rl", "--steps", "3",
+            "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "16", "--save-every", "0",
+            "--beta", "0", "--sample-every", "0", "--lr", "1e-3"]
     ril.main(args + ["--name", "straight"])
     monkeypatch.setattr(distributed, "stop_requested", stop_at(3))  # step 1: 2 checks; step 2's first: stop
     with pytest.raises(SystemExit) as e:
