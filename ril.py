@@ -436,8 +436,8 @@ def policy_update(cfg: Config, m: Models, prompts: dict, ids, mask, adv, k: int)
         skipped += step["skipped"]
     mean = {f"policy/{key}": sum(x[key] for x in stats) / len(stats) for key in ("kl", "clip_frac")}
     return mean | {"policy/loss": loss_sum, "policy/entropy": ent_sum / max(ent_n, 1),
-                   "policy/ratio_min": min(x["ratio_min"] for x in stats), "policy/update": step["update"],
-                   "policy/ratio_max": max(x["ratio_max"] for x in stats), "policy/skipped": skipped,
+                   "policy/ratio_min": min(x["ratio_min"] for x in stats), "policy/skipped": skipped,
+                   "policy/ratio_max": max(x["ratio_max"] for x in stats), "policy/update": step["update"],
                    "policy/grad_norm": step["grad_norm"]}
 
 def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[str],

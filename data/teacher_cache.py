@@ -120,6 +120,7 @@ def discriminator_texts(model, tok, proc, rows: list[dict], names: list[str], sa
     ids, mask, _ = rollout.encode_responses(tok, teacher_texts, max_new_tokens, tok.eos_token_id)
     return student_texts, decode(ids, mask)
 
+
 def fill(rows: dict, name: str, path: str, args, journal) -> dict:
     """Top up `name`'s responses to N in every row, a batch at a time, journaling each batch. Returns
     counts."""
