@@ -105,7 +105,7 @@ class Config:
 # learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults
 # only without --student, and only for flags not given. How they were chosen: docs/LOG.md.
 EMBEDDED = dict(lr=1e-4, beta=1.0, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-5, batch_size=16,
-                steps=200, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
+                steps=100, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
                 sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
                 save_every=50, sample_every=50)
 CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
