@@ -84,8 +84,24 @@ class Discriminator(nn.Module):
     @classmethod
     def from_student(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":
         """D initialised from a student checkpoint by path (the paper), or from any other checkpoint:
-        a VLM gives its language model (vision tower dropped), a text-only causal LM its base model."""
-        return cls(_text_backbone(AutoModel.from_pretrained(path, dtype=dtype)))
+        a VLM gives its language model (vision tower dropped), a text-only causal LM its base model. The LM
+        head is left behind (D replaces it), so transformers' report of it as an unexpected key is not shown;
+        a backbone weight the checkpoint lacks is an error (it would start D from random numbers)."""
+        report = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
+        level = report.level
+        report.setLevel(logging.ERROR)
+        try:
+            model, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        finally:
+            report.setLevel(level)
+        if info["missing_keys"]:
+            raise ValueError(f"{path}: the checkpoint lacks {len(info['missing_keys'])} weight(s) of the "
+                             f"discriminator's backbone, e.g. {sorted(info['missing_keys'])[0]}")
+        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head."))
+        if unexpected:
+            log.warning("%s: %d weight(s) not used by the discriminator, e.g. %s", path, len(unexpected),
+                        unexpected[0])
+        return cls(_text_backbone(model))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Discriminator":

@@ -142,6 +142,22 @@ def test_from_a_text_only_checkpoint(tok, tmp_path):
     assert d(**enc).shape == (2,)
 
 
+def test_from_student_drops_the_lm_head_quietly_and_refuses_a_missing_weight(tiny_student, tok, tmp_path,
+                                                                             capfd):
+    Discriminator.from_student(tiny_student)
+    assert "lm_head" not in capfd.readouterr().err  # the head D replaces is not reported as unexpected
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    weights = load_file(tmp_path / "lm" / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "lm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 weight.*layers.1.mlp.up_proj"):
+        Discriminator.from_student(tmp_path / "lm")
+
+
 def test_update_micro_batches_give_the_full_batch_step(tok, disc0, one_thread):
     s = ["So the answer is \\boxed{2}.", "Step 1: the objects."]
     t = ["Final answer: \\boxed{2}", "I need it.", "Wait."]
