@@ -18,6 +18,7 @@ import math
 import re
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +203,10 @@ def print_eval_table(results: dict):
 
 def evaluate_checkpoint(args) -> dict:
     """The three MAYE decoding settings on one checkpoint and one dataset; prints a table, writes JSON."""
-    if args.out:  # fail now, before transformers loads, rather than after all the work
+    if args.out:  # fail now, before transformers loads, rather than after all the work (and leave no file)
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            open(args.out, "a").close()
+            tempfile.TemporaryFile(dir=Path(args.out).parent).close()
         except OSError as e:
             raise SystemExit(f"--out {args.out}: cannot write: {e}") from None
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -265,9 +266,7 @@ def load_run(path: str | Path) -> dict:
     summary = json.loads((path / "summary.json").read_text())
     metrics, bad = [], 0
     if (path / "metrics.jsonl").is_file():
-        for line in open(path / "metrics.jsonl", encoding="utf-8"):
-            if not line.strip():
-                continue
+        for line in filter(str.strip, open(path / "metrics.jsonl", encoding="utf-8")):  # blank lines skipped
             try:
                 metrics.append(json.loads(line))
             except json.JSONDecodeError:

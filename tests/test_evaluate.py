@@ -255,6 +255,14 @@ def test_out_that_cannot_be_written_fails_before_any_model_loads(tmp_path):
     assert str(e.value).startswith(f"--out {out}: cannot write: "), e.value
 
 
+def test_out_is_not_left_behind_empty_when_the_evaluation_fails(tmp_path):
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"), "--out", str(out)]
+    with pytest.raises((OSError, ValueError, SystemExit)):  # the missing model
+        evaluate.main(argv)
+    assert not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # numbers beside every accuracy: interval, chance, blind baseline, paired differences
 
