@@ -23,7 +23,7 @@ Agreement (`--what agree`, not part of `all`): greedy answers to every question 
 against transformers' generate given nothing but do_sample=False (the checkpoint's generation_config.json
 does the rest); how many responses are identical, and the accuracy of each.
 
-    python bench.py --what agree --student runs/ril/checkpoints/step-200/student --split val
+    python bench.py --what agree --student runs/ril/checkpoints/step-100/student --split val
 """
 from __future__ import annotations
 
