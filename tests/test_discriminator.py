@@ -129,12 +129,18 @@ def test_save_and_load_roundtrip(tok, disc0, tmp_path):
     assert len(d3.backbone.layers) == len(d.backbone.layers)
 
 
-def test_from_a_text_only_checkpoint(tok, tmp_path):
+def _saved_text_lm(tok, path):
+    """A 2-layer Qwen2 causal LM on the tiny student's vocabulary, saved to `path`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
     lm = Qwen2ForCausalLM(cfg)
-    lm.save_pretrained(tmp_path / "lm")
+    lm.save_pretrained(path)
+    return lm
+
+
+def test_from_a_text_only_checkpoint(tok, tmp_path):
+    lm = _saved_text_lm(tok, tmp_path / "lm")
     d = Discriminator.from_student(tmp_path / "lm")
     assert type(d.backbone).__name__ == "Qwen2Model" and len(d.backbone.layers) == 2
     assert torch.equal(d.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
@@ -147,10 +153,7 @@ def test_from_student_drops_the_lm_head_quietly_and_refuses_a_missing_weight(tin
     Discriminator.from_student(tiny_student)
     assert "lm_head" not in capfd.readouterr().err  # the head D replaces is not reported as unexpected
     from safetensors.torch import load_file, save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    _saved_text_lm(tok, tmp_path / "lm")
     weights = load_file(tmp_path / "lm" / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "lm" / "model.safetensors", metadata={"format": "pt"})
