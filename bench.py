@@ -15,7 +15,8 @@ teacher responses, teacher-forced; the prompts (images included) once, packed wi
 (rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
 Discriminator (`--what disc`): D's forward and forward + backward over the same questions' 2G responses (the
 cached teacher responses and as many plain ones), its fixed prompt start run once per batch with its KV cache
-shared against written into every row (discriminator.encode_for_discriminator's shared_prefix).
+shared, or (forward + backward) written once per pack of responses as under FSDP2, against written into every
+row (discriminator.encode_for_discriminator's shared_prefix, Discriminator.packed_forward).
 Each is timed --repeats times, alternating, and the fastest run of each counts (other processes only ever add
 time). Absolute numbers mean little on a shared CPU; the ratios are the point.
 
@@ -240,9 +241,10 @@ def bench_logprobs(a, model, tok, prompts, rows, sync):
 
 def bench_disc(a, tok, rows, sync):
     """D on a.samples responses per question (half cached teacher text, half the plain SFT style), in
-    micro-batches of 32 as in the RL step: the prompt's fixed start run once per micro-batch against written
-    into every row."""
-    from discriminator import Discriminator, encode_for_discriminator
+    micro-batches of 32 as in the RL step: the prompt's fixed start run once per micro-batch (its cache
+    shared; with gradients also once per pack of responses, what FSDP2 runs) against written into every
+    row."""
+    from discriminator import PACK_TOKENS, Discriminator, encode_for_discriminator
     disc = Discriminator.from_student(a.student).to(a.device)
     texts = []
     for r in rows:
@@ -258,18 +260,25 @@ def bench_disc(a, tok, rows, sync):
     n_tokens = sum(int(e["attention_mask"].sum()) for e in batches[False])
     print(f"discriminator workload: {len(texts)} responses, {n_tokens} tokens with the prompt in every row")
 
-    def work(shared, grad):
+    def work(shared, grad, packed=False):
         with torch.set_grad_enabled(grad):
             for enc in batches[shared]:
-                logits = disc(**enc)                                              # [32]
+                if packed:                                                        # [32]
+                    logits = disc.packed_forward(enc["input_ids"], enc["attention_mask"], enc["prefix_ids"],
+                                                 PACK_TOKENS)
+                else:
+                    logits = disc(**enc)                                          # [32]
                 if grad:
                     logits.sum().backward()
 
-    for grad in (True, False):
-        shared, copied = fastest(lambda: work(True, grad), lambda: work(False, grad), a.repeats, sync)
+    ways = [(True, False, "shared prompt start (cache)"),
+            (True, True, f"prompt start once per pack of {PACK_TOKENS} tokens (FSDP2)"),
+            (False, False, "shared prompt start (cache)")]
+    for grad, packed, name in ways:
+        shared, copied = fastest(lambda: work(True, grad, packed), lambda: work(False, grad), a.repeats, sync)
         what = "forward + backward (update)" if grad else "forward (p_student)"
         print(f"[discriminator, {what}] prompt in every row {copied:.3f} s, "
-              f"shared prompt start {shared:.3f} s: speed-up {copied / shared:.2f}x")
+              f"{name} {shared:.3f} s: speed-up {copied / shared:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
   policy it judges (the paper's answer to the GAN balance problem), with the LM head replaced by a
   linear head d -> 1 read at the last non-pad token of the final layer. D(o) = sigmoid(logit).
 - its prompt: a system message that states the task, then the response inside <response></response>;
-  no question, no image (as in the paper). The prompt's fixed start can run once per batch and share its
-  keys/values with every response (the same logits; it is about half the tokens D reads on the embedded task).
+  no question, no image (as in the paper). The prompt's fixed start runs once per batch (or once per packed
+  row of responses) rather than once per response: the same logits, and it is about half the tokens D reads on
+  the embedded task.
 - `discriminator_loss`: Eq. 1 as binary cross-entropy, label 1 = student, 0 = teacher.
 - `pretrain` over cached (student, teacher) responses (`pretrain_batch`: step k's draw), and `update`, the
   mu = 1 per-batch step inside the RL loop (Algorithm 2, step 3). Both work on a plain module or one
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 SYSTEM = ("You are a discriminator. Say who wrote the response inside <response></response>: "
           "the teacher (0) or the student (1).")
 HEAD_FILE = "discriminator_head.safetensors"
+PACK_TOKENS = 256  # packed rows' length where the prefix's cache cannot be shared (see Discriminator.forward)
 ORIGIN = "pretrained_from.json"  # beside its weights: the student and teachers D learnt to tell apart
 
 
@@ -50,35 +52,60 @@ class Discriminator(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_ids: torch.Tensor | None = None, pack_tokens: int = PACK_TOKENS) -> torch.Tensor:
         """Logits [B] (pre-sigmoid; sigmoid = p(student)) for left- or right-padded input_ids [B, L].
 
         prefix_ids [P]: tokens that come before every row (the prompt's fixed start: see
-        `encode_for_discriminator(..., shared_prefix=True)`). They run once and their keys/values are shared
-        by the B rows, differentiably: the same logits as with the prefix written into each row, less compute
-        (where `can_share_cache`; else the prefix is written into each row here).
+        `encode_for_discriminator(..., shared_prefix=True)`), computed once rather than once per row, with the
+        same logits as with the prefix written into each row. Where `can_share_cache`, the prefix runs once
+        and its keys/values are shared by the B rows; else (FSDP2 with gradients, checkpointing) the rows are
+        packed behind copies of the prefix, each pack at most pack_tokens long (`pack_behind_prefix`).
         """
         mask = attention_mask.long()  # [B, L]
         B, L = mask.shape
+        P = 0 if prefix_ids is None else prefix_ids.numel()
+        if P and not can_share_cache(self.backbone):
+            return self.packed_forward(input_ids, mask, prefix_ids.to(input_ids), pack_tokens)
         last = L - 1 - mask.flip(1).argmax(1)  # [B] index of the last real token
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: real tokens at 0..n-1 under left padding
-        cache, P = None, 0 if prefix_ids is None else prefix_ids.numel()
-        if P and not can_share_cache(self.backbone):  # the prefix written into each row
-            input_ids = torch.cat([prefix_ids.to(input_ids).expand(B, P), input_ids], 1)  # [B, P + L]
-            last = last + P
-            prefix_pos = torch.arange(P).to(mask).expand(B, P)  # [B, P]
-            position_ids = torch.cat([prefix_pos, position_ids + P], 1)  # [B, P + L]
-        elif P:  # the prefix once, its cache repeated B times, the rows on top of it
+        cache = None
+        if P:  # the prefix once, its cache repeated B times, the rows on top of it
             cache = self.backbone(input_ids=prefix_ids.to(input_ids).view(1, P),
                                   position_ids=torch.arange(P).to(mask)[None], use_cache=True).past_key_values
             cache.batch_repeat_interleave(B)  # [1, ...] -> [B, ...]
             position_ids = position_ids + P
-        if P:
             mask = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P + L]
         h = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          past_key_values=cache,
-                          use_cache=cache is not None).last_hidden_state  # [B, L (or P + L), d]
+                          past_key_values=cache, use_cache=cache is not None).last_hidden_state  # [B, L, d]
         h_last = h[torch.arange(B, device=h.device), last]  # [B, d]
+        return self.head(h_last).squeeze(-1).float().clone()  # [B]; a copy: FSDP2 warns on returned views
+
+    def packed_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, prefix_ids: torch.Tensor,
+                       pack_tokens: int) -> torch.Tensor:
+        """Logits [B] of the rows of input_ids [B, L] (mask [B, L], any padding) read behind prefix_ids [P],
+        in one forward call over packed rows [prefix | row i | row i+1 | ...]: each row's tokens see the
+        prefix and themselves, never another row's, and sit at the positions they would have alone."""
+        B, L = mask.shape
+        P, dev = prefix_ids.numel(), input_ids.device
+        n = mask.sum(1)                                                         # [B] real tokens per row
+        pack, start = pack_behind_prefix(n.tolist(), P, pack_tokens)            # [B], [B]
+        pack, start = pack.to(dev), start.to(dev)
+        row, col = mask.nonzero(as_tuple=True)                                  # every real token
+        t = (mask.cumsum(1) - 1)[row, col]                                      # its index in its row
+        r, c = pack[row], start[row] + t                                        # its pack and column
+        R, S = int(pack[-1]) + 1, int((start + n).max())
+        ids = input_ids.new_zeros(R, S)                                         # [R, S]
+        ids[:, :P], ids[r, c] = prefix_ids, input_ids[row, col]
+        segment = torch.full((R, S), -1, device=dev)                            # [R, S]: -1 padding
+        segment[:, :P], segment[r, c] = 0, row + 1                              # 0 prefix, i + 1 row i
+        position_ids = torch.zeros(R, S, dtype=torch.long, device=dev)          # [R, S]
+        position_ids[:, :P], position_ids[r, c] = torch.arange(P, device=dev), P + t
+        q, k = segment[:, :, None], segment[:, None, :]                         # [R, S, 1], [R, 1, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()          # [S, S]
+        allowed = causal & ((k == q) | (k == 0)) & (k >= 0) | torch.eye(S, dtype=torch.bool, device=dev)
+        h = self.backbone(input_ids=ids, attention_mask=allowed[:, None], position_ids=position_ids,
+                          use_cache=False).last_hidden_state                    # [R, S, d]
+        h_last = h[pack, start + n - 1]                                         # [B, d] each row's last token
         return self.head(h_last).squeeze(-1).float().clone()  # [B]; a copy: FSDP2 warns on returned views
 
     @classmethod
@@ -127,13 +154,33 @@ class Discriminator(nn.Module):
 
 def can_share_cache(backbone: nn.Module) -> bool:
     """Whether the prefix's KV cache may feed the rows' forward: not under activation checkpointing (HF turns
-    the cache off), nor when gradients flow under FSDP2 (each layer runs twice before backward; FSDP2 releases
-    a layer's gathered weights and reduces its gradients after the second call's backward, before the prefix's
-    call, which it reaches only through the cache)."""
+    the cache off), nor when gradients flow under FSDP2 (each layer would run twice before backward; FSDP2
+    releases a layer's gathered weights and reduces its gradients after the second call's backward, before the
+    prefix's call, which it reaches only through the cache). There, `Discriminator.packed_forward` shares the
+    prefix within packed rows, one call per layer."""
     from torch.distributed.fsdp import FSDPModule
     fsdp = any(isinstance(m, FSDPModule) for m in backbone.modules())
     checkpointing = getattr(backbone, "is_activation_checkpointing", False)
     return not checkpointing and not (fsdp and torch.is_grad_enabled())
+
+
+def pack_behind_prefix(lengths: list[int], prefix: int, pack_tokens: int):
+    """Rows of these lengths, in order, into packs that start with a prefix of `prefix` tokens: a row joins
+    the current pack while it stays within pack_tokens (a pack holds at least one row). Returns each row's
+    pack and the column of its first token, LongTensors [B]. For example, lengths [10, 20, 30, 5], prefix 40,
+    pack_tokens 80:
+
+        pack  [0, 0, 1, 1]      pack 0 = prefix (0..39) | row 0 (40..49) | row 1 (50..69)
+        start [40, 50, 40, 70]  pack 1 = prefix (0..39) | row 2 (40..69) | row 3 (70..74)
+    """
+    pack, start, r, used = [], [], 0, prefix
+    for n in lengths:
+        if used > prefix and used + n > pack_tokens:
+            r, used = r + 1, prefix
+        pack.append(r)
+        start.append(used)
+        used += n
+    return torch.tensor(pack, dtype=torch.long), torch.tensor(start, dtype=torch.long)
 
 
 def _text_backbone(model: nn.Module) -> nn.Module:

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from discriminator import (HEAD_FILE, Discriminator, discriminator_loss, encode_for_discriminator, evaluate,
-                           p_student, pretrain, prompt_parts, update)
+from discriminator import (HEAD_FILE, Discriminator, can_share_cache, discriminator_loss,
+                           encode_for_discriminator, evaluate, pack_behind_prefix, p_student, pretrain,
+                           prompt_parts, update)
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +95,31 @@ def test_logits_do_not_depend_on_padding(tok, disc0):
 
 
 def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_thread):
-    """The prompt's fixed start run once and its cache shared (what p_student and update use) equals the
-    prompt written into every row: logits and every parameter's gradient; under checkpointing too."""
+    """The prompt's fixed start run once, its cache shared (p_student, and update on one process) or the
+    responses packed behind it (update under FSDP2, checkpointing), equals the prompt written into every row:
+    logits and every parameter's gradient, with packs of one response, of some, and of all."""
     texts = ["Final answer: \\boxed{2}", "Let me look at each object. I see a red circle at the top left. "
-             "So the answer is \\boxed{1}.", "The answer is \\boxed{yes}."]
+             "So the answer is \\boxed{1}.", "The answer is \\boxed{yes}.", "x"]
     plain, _ = encode_for_discriminator(tok, texts, 256)
     shared, _ = encode_for_discriminator(tok, texts, 256, shared_prefix=True)
-    assert shared["input_ids"].shape[1] + len(shared["prefix_ids"]) == plain["input_ids"].shape[1]
+    P = len(shared["prefix_ids"])
+    assert shared["input_ids"].shape[1] + P == plain["input_ids"].shape[1]
     assert shared["prefix_ids"].tolist() == prompt_parts(tok)[0]
+    packs = [pack_behind_prefix(shared["attention_mask"].sum(1).tolist(), P, n)[0].tolist()
+             for n in (1, P + 30, 512)]
+    assert packs[0] == [0, 1, 2, 3] and 1 < len(set(packs[1])) < 4 and packs[2] == [0, 0, 0, 0]
+    ways = [lambda d: d(**plain), lambda d: d(**shared)]
+    ways += [lambda d, n=n: d(**shared, pack_tokens=n) for n in (1, P + 30, 512)]  # packed: checkpointing
     grads = []
-    for enc, checkpointing in ((plain, False), (shared, False), (shared, True)):
+    for i, way in enumerate(ways):
         d = _with_random_head(disc0)
-        if checkpointing:
+        if i >= 2:  # HF turns the cache off under checkpointing: the responses are packed
             d.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
             d.train()
-        logits = d(**enc)  # [3]
-        (logits * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+            assert not can_share_cache(d.backbone)
+        logits = way(d)  # [4]
+        (logits * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in d.named_parameters()}))
     for logits, g in grads[1:]:
         torch.testing.assert_close(logits, grads[0][0], atol=1e-5, rtol=1e-5)
