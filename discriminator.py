@@ -85,7 +85,6 @@ class Discriminator(nn.Module):
         """Logits [B] of the rows of input_ids [B, L] (mask [B, L], any padding) read behind prefix_ids [P],
         in one forward call over packed rows [prefix | row i | row i+1 | ...]: each row's tokens see the
         prefix and themselves, never another row's, and sit at the positions they would have alone."""
-        B, L = mask.shape
         P, dev = prefix_ids.numel(), input_ids.device
         n = mask.sum(1)                                                         # [B] real tokens per row
         pack, start = pack_behind_prefix(n.tolist(), P, pack_tokens)            # [B], [B]
