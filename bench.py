@@ -29,7 +29,6 @@ does the rest); how many responses are identical, and the accuracy of each.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections import defaultdict
@@ -40,7 +39,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 import rewards
 import rollout
-from data.dataset import encode_rows, load_jsonl
+from data.dataset import DatasetError, encode_rows, load_jsonl
 
 SHARES = {"forward": ["embed_prompts", "forward"], "sampling": ["sample_next"],
           "cache": ["allocate_cache", "share_prefill", "drop_rows"]}
@@ -133,10 +132,10 @@ def main():
     if a.student is None:
         from data.tiny_student import build_tiny_student
         a.student = build_tiny_student(data, Path(tempfile.mkdtemp()) / "tiny-student", seed=0)
+    rows = load_jsonl(data / "train.jsonl")[:a.prompts]  # the data before the model: a bad file fails at once
     tok = AutoTokenizer.from_pretrained(a.student)
     ip = AutoImageProcessor.from_pretrained(a.student)
     model = AutoModelForImageTextToText.from_pretrained(a.student).to(a.device).eval()
-    rows = [json.loads(line) for line in open(data / "train.jsonl")][:a.prompts]
     prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows],
                                      [data / r["image"] for r in rows], family=model.config.model_type)
     prompts = {k: v.to(a.device) for k, v in prompts.items()}
@@ -282,4 +281,7 @@ def bench_disc(a, tok, rows, sync):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetError as e:  # a bad data file: its name, line and problem, without a traceback
+        raise SystemExit(f"error: {e}") from None

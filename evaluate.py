@@ -28,7 +28,7 @@ from tqdm import tqdm
 import distributed
 import rewards
 import rollout
-from data.dataset import blind_guesses, chance_levels, encode_rows, load_jsonl
+from data.dataset import DatasetError, blind_guesses, chance_levels, encode_rows, load_jsonl
 
 # MAYE's reflection words, plus spelling variants and "double-check" (the embedded reflective teacher's
 # phrase). Matched case-insensitively as whole words: a letter, digit, "_" or "-" may not touch either
@@ -209,18 +209,18 @@ def evaluate_checkpoint(args) -> dict:
             tempfile.TemporaryFile(dir=Path(args.out).parent).close()
         except OSError as e:
             raise SystemExit(f"--out {args.out}: cannot write: {e}") from None
+    rows = load_jsonl(args.data)[:args.limit]  # the data before the model: a bad file fails at once
+    if not rows:
+        raise SystemExit(f"{args.data}: no rows to evaluate (--limit {args.limit})")
+    beside = Path(args.data).parent / "train.jsonl"  # the default split for chance and the blind baseline
+    train_data = args.train_data or (beside if beside.is_file() and not beside.samefile(args.data) else None)
+    train_rows = load_jsonl(train_data) if train_data else None
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     image_processor = AutoImageProcessor.from_pretrained(args.model)
-    rows = load_jsonl(args.data)[:args.limit]
-    if not rows:
-        raise SystemExit(f"{args.data}: no rows to evaluate (--limit {args.limit})")
-    beside = Path(args.data).parent / "train.jsonl"  # the default split for chance and the blind baseline
-    train_data = args.train_data or (beside if beside.is_file() and not beside.samefile(args.data) else None)
-    train_rows = load_jsonl(train_data) if train_data else None
     # the response cap the student was trained with (ril.py writes it into generation_config.json)
     max_new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens or 1024
     disc = None
@@ -313,8 +313,7 @@ def final_reports(policy, start, tokenizer, image_processor, train_rows: list[di
                   test_rows: list[dict], val_start: dict | None, max_new_tokens: int) -> dict:
     """A run's held-out accuracy: val (the start's report given) and test, of the `start` model and the final
     `policy`, and each split's gain (final - start) with its paired 95% interval."""
-    def report(model, rows):
-        return held_out(model, tokenizer, image_processor, rows, train_rows, max_new_tokens)
+    report = lambda model, rows: held_out(model, tokenizer, image_processor, rows, train_rows, max_new_tokens)
     summary = {}
     if val_rows:
         summary["val"] = {"start": val_start, "final": report(policy, val_rows)}
@@ -394,7 +393,6 @@ def plot_runs(groups: dict[str, list[dict]], out: str | Path):
                 continue
             steps = sorted(by_step)
             mean = np.array([statistics.fmean(by_step[s]) for s in steps])
-            # the sample std over seeds, as compare_table gives it
             std = np.array([statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps])
             ax.plot(steps, mean, color=color[label], marker="o" if len(steps) <= 30 else None, markersize=3)
             if len(rs) > 1:
@@ -441,7 +439,10 @@ def main(argv: list[str] | None = None):
             plot_runs(groups, args.plot)
             print(f"wrote {args.plot}")
     elif args.model and args.data:
-        evaluate_checkpoint(args)
+        try:
+            evaluate_checkpoint(args)
+        except DatasetError as e:  # a bad data file: its name, line and problem, without a traceback
+            raise SystemExit(f"error: {e}") from None
     else:
         p.error("give --model and --data, or --compare RUN [RUN ...]")
 

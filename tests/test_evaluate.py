@@ -3,6 +3,9 @@ import itertools
 import json
 import math
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +18,8 @@ import rewards
 import rollout
 from data.dataset import blind_guesses, chance_levels, load_jsonl
 from evaluate import evaluate_model, is_reflective, pass_at_k, reflection_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------
 # reflection metrics
@@ -328,3 +333,16 @@ def test_a_rerun_is_the_same_configuration():
     rerun = dict(base, name="ril-s1", seed=1, resume=True, overwrite=True)
     assert evaluate.config_key(base) == evaluate.config_key(rerun)
     assert evaluate.config_key(base) != evaluate.config_key(dict(base, lr=1e-5))
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "bench.py"])
+def test_a_bad_data_file_is_named_with_its_line_before_any_model_loads(tmp_path, script):
+    """A malformed row: the command exits with the file, the line and the problem, and no traceback. The model
+    does not exist, so reaching it would fail differently."""
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"id": "a", "image": null, "question": "q?", "answer": "1"}\n{"id": "b", \n')
+    args = {"evaluate.py": ["--model", str(tmp_path / "no-model"), "--data", str(bad)],
+            "bench.py": ["--student", str(tmp_path / "no-model"), "--data", str(tmp_path)]}[script]
+    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"error: {bad}:2: bad JSON" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
