@@ -16,6 +16,7 @@ checkpoints and SIGTERM. Nothing here is RIL: ril.py calls these by name (`distr
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -51,8 +52,12 @@ def setup() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 def teardown() -> None:
-    """Leave the process group together: gloo aborts a rank that tears down while its peer still works."""
+    """Leave the process group together: gloo aborts a rank that tears down while its peer still works. The
+    stages' sharded models are reference cycles (modules, hooks, FSDP state) that hold the group's mesh: they
+    are collected here, while the group and the interpreter are alive, not during the interpreter's shutdown
+    (where a gloo rank has been seen to abort at exit: "terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

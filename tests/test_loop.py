@@ -109,3 +109,40 @@ def test_a_worker_whose_launcher_died_stops(monkeypatch):
     assert distributed.launcher_gone() and distributed.stop_requested()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert not distributed.launcher_gone()  # plain `python ril.py`: no agent to lose
+
+
+TEARDOWN_SCRIPT = '''
+import gc, json, sys
+import torch
+from torch.distributed.fsdp import fully_shard
+import distributed
+
+def stage():  # a stage's sharded model, left behind as reference cycles when the stage returns
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    model(torch.ones(2, 4)).sum().backward()
+
+gc.disable()  # as if the collector had not run since: only teardown's own collection frees the model
+rank, world, device = distributed.setup()
+stage()
+distributed.teardown()
+left = sum(type(o).__name__ == "FSDPState" for o in gc.get_objects())
+json.dump(left, open(f"{sys.argv[1]}/left-{rank}.json", "w"))
+'''
+
+
+def test_teardown_frees_the_sharded_models_before_the_process_group_goes(tmp_path):
+    """Under torchrun (2 gloo ranks) a stage's FSDP2 model outlives the stage as reference cycles; teardown
+    collects it while the group is alive, so nothing of it is left for the interpreter's shutdown."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.load(open(tmp_path / f"left-{r}.json")) for r in (0, 1)] == [0, 0]
