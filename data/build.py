@@ -26,7 +26,7 @@ from collections import Counter
 
 from data.dataset import blind_guesses, chance_levels
 from data.scenes import GENERAL_TYPES, TASK_TYPES, ask, balanced_task, draw, random_scene
-from data.teachers import TEACHERS, plain_response, short_response, styled_response, teacher_response
+from data.teachers import TEACHERS, plain_response, styled_response, teacher_response
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"        # the embedded dataset, built on the first run
 TINY_DIR = Path(__file__).parent.parent / "checkpoints"  # the tiny student, its SFT, its discriminators
@@ -36,7 +36,6 @@ SPLIT_FILES = dict(data="train.jsonl", eval_data="val.jsonl", test_data="test.js
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 SFT_TASK_SHARE = 0.1     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
-SFT_TASK_STYLE = "plain" # how those rows answer: "plain" (the answer alone) or "short" (one fact, then it)
 
 
 def split_paths(given: dict) -> dict:
@@ -45,7 +44,7 @@ def split_paths(given: dict) -> dict:
 
 
 def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher: int, exclude: set,
-                sft_task_share: float = SFT_TASK_SHARE, sft_task_style: str = SFT_TASK_STYLE) -> list[dict]:
+                sft_task_share: float = SFT_TASK_SHARE) -> list[dict]:
     """n rows of one split; scenes whose signature is in `exclude` are redrawn; adds new signatures to it."""
     rng = random.Random(f"{seed}-{split}")
     rows = []
@@ -70,18 +69,13 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
         if split == "sft":
             styled = q.kind in GENERAL_TYPES[1:] and rng.random() < SFT_TEACHER_STYLE
             teacher = rng.choice(list(TEACHERS)) if styled else None
-            if styled:
-                row["response"] = styled_response(teacher, scene, q, rng)
-            elif q.kind in TASK_TYPES and sft_task_style == "short":
-                row["response"] = short_response(scene, q)
-            else:
-                row["response"] = plain_response(q)
+            row["response"] = styled_response(teacher, scene, q, rng) if styled else plain_response(q)
         rows.append(row)
     return rows
 
 
 def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4,
-          sft_task_share: float = SFT_TASK_SHARE, sft_task_style: str = SFT_TASK_STYLE) -> Path:
+          sft_task_share: float = SFT_TASK_SHARE) -> Path:
     """Write `<out>/{split}.jsonl` and `<out>/images/`; returns `out`. Replaces an existing folder."""
     out, sizes = Path(out), sizes or SPLITS
     tmp = out.with_name(out.name + ".tmp")
@@ -91,12 +85,11 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
     order = [s for s in sizes if s != "test"] + (["test"] if "test" in sizes else [])  # test last: own scenes
     for split in order:
         exclude = seen if split != "test" else set(seen)
-        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, exclude, sft_task_share,
-                           sft_task_style)
+        rows = build_split(tmp, split, sizes[split], seed, grid, per_teacher, exclude, sft_task_share)
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     meta = {"seed": seed, "sizes": sizes, "grid": grid, "per_teacher": per_teacher, "teachers": TEACHERS,
-            "sft_task_share": sft_task_share, "sft_task_style": sft_task_style,
+            "sft_task_share": sft_task_share,
             "baselines": baselines(tmp, [s for s in order if s != "sft"])}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
@@ -141,10 +134,7 @@ if __name__ == "__main__":
     p.add_argument("--per-teacher", type=int, default=4, help="cached responses per teacher per question")
     p.add_argument("--sft-task-share", type=float, default=SFT_TASK_SHARE,
                    help="share of SFT rows asking a TASK question, answered plainly")
-    p.add_argument("--sft-task-style", choices=("plain", "short"), default=SFT_TASK_STYLE,
-                   help="how those rows answer: the answer alone, or one fact and then the answer")
     a = p.parse_args()
     t0 = time.time()
-    build(a.out, a.seed, per_teacher=a.per_teacher, sft_task_share=a.sft_task_share,
-          sft_task_style=a.sft_task_style)
+    build(a.out, a.seed, per_teacher=a.per_teacher, sft_task_share=a.sft_task_share)
     print(f"wrote {a.out} ({sum(SPLITS.values())} questions) in {time.time() - t0:.1f}s")

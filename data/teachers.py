@@ -165,28 +165,6 @@ def styled_response(name: str, scene: Scene, q: Question, rng: random.Random) ->
     return methodical(scene, q, rng) if name == "methodical" else reflective(scene, q, rng)
 
 
-def short_response(scene: Scene, q: Question) -> str:
-    """A short chain of the SFT data's own for a TASK question: the one fact the answer rests on, read in a
-    single step (a count, a column, a colour), then the answer. Unlike either teacher it never goes object by
-    object. 'Red: 2, blue: 1. The answer is \\boxed{yes}.'"""
-    ans = answer_for(scene, q.kind, q.args)
-    if q.kind == "count_color":
-        fact = f"{q.args[0].capitalize()}: {len(of_color(scene, q.args[0]))}."
-    elif q.kind == "compare":
-        a, b = q.args
-        fact = f"{a.capitalize()}: {len(of_color(scene, a))}, {b}: {len(of_color(scene, b))}."
-    elif q.kind == "largest_color":
-        fact = f"Largest: {ans}."
-    elif q.kind == "left_of":
-        a, b = (of_color(scene, c)[0] for c in q.args)
-        fact = f"{a.color.capitalize()}: {COLUMNS[a.col]}, {b.color}: {COLUMNS[b.col]}."
-    elif q.kind == "count_choice":
-        fact = f"Objects: {len(scene.objects)}."
-    else:
-        raise ValueError(f"no short chain for {q.kind!r} questions")
-    return f"{fact} The answer is \\boxed{{{ans}}}."
-
-
 def plain_response(q: Question) -> str:
     """The SFT warm-start style, for GENERAL questions: a description as a plain list, any other answer bare.
     No reasoning and no teacher's moves: the SFT data is not the teacher cache."""

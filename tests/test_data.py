@@ -14,7 +14,7 @@ from data.dataset import (MAX_ASPECT_RATIO, MAX_TEXT_CHARS, load_image, load_jso
                           teacher_slots)
 from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
                          draw, question_text, random_scene)
-from data.teachers import TEACHERS, plain_response, short_response, teacher_response
+from data.teachers import TEACHERS, plain_response, teacher_response
 from tests.conftest import SMALL
 
 
@@ -299,28 +299,3 @@ def test_sft_task_share_adds_plain_task_answers(tmp_path):
     assert all(r["response"] == f"The answer is \\boxed{{{r['answer']}}}." for r in task)
     plain = load_jsonl(build(tmp_path / "none", seed=1, sizes=sizes, sft_task_share=0.0) / "sft.jsonl")
     assert all(r["kind"] in GENERAL_TYPES for r in plain)
-
-
-def test_sft_task_style_short_states_one_true_fact_then_the_answer(tmp_path):
-    """--sft-task-style short: an SFT TASK row states the one fact its answer rests on (a count, two columns,
-    the largest colour), true of the scene, then the answer; it never goes object by object as the teachers
-    do. The facts are recomputed here from the objects."""
-    rng = random.Random(3)
-    for _ in range(300):
-        scene, q = balanced_task(rng)
-        count = lambda color: sum(o.color == color for o in scene.objects)
-        cols = ("left", "middle", "right")
-        column = lambda color: next(cols[o.col] for o in scene.objects if o.color == color)
-        a, b = (q.args + ("", ""))[:2]
-        fact = {"count_color": lambda: f"{a.capitalize()}: {count(a)}.",
-                "compare": lambda: f"{a.capitalize()}: {count(a)}, {b}: {count(b)}.",
-                "left_of": lambda: f"{a.capitalize()}: {column(a)}, {b}: {column(b)}.",
-                "largest_color": lambda: f"Largest: {max(scene.objects, key=lambda o: o.radius).color}.",
-                "count_choice": lambda: f"Objects: {len(scene.objects)}."}[q.kind]()
-        assert short_response(scene, q) == f"{fact} The answer is \\boxed{{{q.answer}}}."
-    sizes = {"sft": 300, "train": 10, "test": 10}
-    rows = load_jsonl(build(tmp_path / "short", seed=1, sizes=sizes, sft_task_share=0.25,
-                            sft_task_style="short") / "sft.jsonl")
-    task = [r for r in rows if r["kind"] in TASK_TYPES]
-    assert task and all(r["response"].endswith(f". The answer is \\boxed{{{r['answer']}}}.") for r in task)
-    assert not any(";" in r["response"] or "Step" in r["response"] for r in task)
