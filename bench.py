@@ -137,7 +137,7 @@ def main():
     ip = AutoImageProcessor.from_pretrained(a.student)
     model = AutoModelForImageTextToText.from_pretrained(a.student).to(a.device).eval()
     prompts = rollout.encode_prompts(tok, ip, [r["question"] for r in rows],
-                                     [data / r["image"] for r in rows], family=model.config.model_type)
+                                     [r["image"] for r in rows], family=model.config.model_type)
     prompts = {k: v.to(a.device) for k, v in prompts.items()}
     knobs = dict(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.05)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)

@@ -1,6 +1,10 @@
 """The step loop every stage shares (distributed.Loop, optimizer_step): skipped updates, stops, resumes."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,12 +140,9 @@ json.dump(left, open(f"{sys.argv[1]}/left-{rank}.json", "w"))
 def test_teardown_frees_the_sharded_models_before_the_process_group_goes(tmp_path):
     """Under torchrun (2 gloo ranks) a stage's FSDP2 model outlives the stage as reference cycles; teardown
     collects it while the group is alive, so nothing of it is left for the interpreter's shutdown."""
-    import os
-    import subprocess
-    import sys
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
