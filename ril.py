@@ -37,7 +37,7 @@ import evaluate
 import rewards
 import rollout
 from data import teacher_cache
-from data.build import EMBEDDED_DIR, TINY_DIR, build_missing, split_paths
+from data.build import WORLDS, build_missing, split_paths, world_dirs
 from data.dataset import (DatasetError, encode_rows, load_jsonl, sft_rows, step_rows, teacher_names,
                           teacher_slots)
 
@@ -52,6 +52,7 @@ class Config:
     sft_data: str = ""             # SFT rows (`response` field) for --stage sft
     discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
     judge: str = ""                # text-only judge LLM for --answer-reward judge
+    world: str = "plain"           # the embedded world, without --student: plain | marked (data/build.py)
     stage: str = "all"             # all | sft | disc | rl
     algo: str = "ril"              # ril (Algorithm 2) | drgrpo | grpo (Algorithm 1)
     teachers: str = ""             # comma-separated teacher names to imitate; "" = every teacher in the data
@@ -108,7 +109,7 @@ EMBEDDED = dict(lr=1e-4, beta=1.0, vision_lr_scale=0.1, keep_gathered=True, disc
                 steps=100, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
                 sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
                 save_every=50, sample_every=50)
-CHOICES = dict(stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
+CHOICES = dict(world=WORLDS, stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
                similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
                loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
@@ -159,8 +160,7 @@ def check_config(cfg: Config) -> None:
     if cfg.answer_reward == "off" and (cfg.algo != "ril" or cfg.similarity == "off"):
         raise SystemExit("--answer-reward off leaves no reward (Algorithm 1 has only the answer reward)")
     for key in ("student", "data", "eval_data", "test_data", "sft_data", "discriminator", "judge"):
-        path = getattr(cfg, key)
-        written = key == "discriminator" and cfg.stage == "disc"        # --stage disc writes it
+        path, written = getattr(cfg, key), key == "discriminator" and cfg.stage == "disc"  # disc writes it
         if path and not written and (key, path) != ("test_data", "none") and not Path(path).exists():
             raise SystemExit(f"--{key.replace('_', '-')}: {path} does not exist")
     if cfg.discriminator and cfg.stage != "disc" and not (Path(cfg.discriminator) / "config.json").exists():
@@ -333,8 +333,7 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
 # ---- Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo) -------------------------------
 @dataclass
 class Models:
-    """What the RL stage trains and reads. disc / dopt: RIL with a similarity reward; judge: --answer-reward
-    judge; ref: pi_ref (the start), when beta > 0."""
+    """What the RL stage trains and reads (ref: pi_ref when beta > 0; disc, dopt: RIL's D; judge: an LLM)."""
     device: torch.device
     policy: torch.nn.Module
     tok: object
@@ -551,25 +550,26 @@ def main(argv=None) -> None:
     rank, world, device = distributed.setup()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    data_dir, tiny = world_dirs(cfg.world)
     if not cfg.student:  # the embedded world: built when missing (by rank 0), its splits as the data
         if rank == 0:
-            build_missing(EMBEDDED_DIR, TINY_DIR / "tiny-student")
+            build_missing(data_dir, tiny / "tiny-student", world=cfg.world)
         distributed.barrier()
-        cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg)))
+        cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg), data_dir))
     run = Path(cfg.out_dir) / cfg.name
     distributed.prepare_run(run, WRITES[cfg.stage], cfg.resume, cfg.overwrite, dataclasses.asdict(cfg))
     # RL starts from --student, or from the embedded SFT student (trained first when missing)
-    student = cfg.student or str(TINY_DIR / "tiny-sft")
+    student = cfg.student or str(tiny / "tiny-sft")
     built = (Path(student) / "config.json").exists()
     if cfg.stage == "sft" or (cfg.stage == "all" and not built):
         out = run / "sft" if cfg.student else Path(student)
-        sft(cfg, cfg.student or str(TINY_DIR / "tiny-student"), out, run / "sft-stage", device, rank)
+        sft(cfg, cfg.student or str(tiny / "tiny-student"), out, run / "sft-stage", device, rank)
     elif not built:
         raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                          "(or the whole pipeline) first")
     # one pre-trained D per student and set of imitated teachers (embedded: a folder per set of teachers)
     suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
-    disc = cfg.discriminator or ("" if cfg.student else str(TINY_DIR / f"tiny-disc{suffix}"))
+    disc = cfg.discriminator or ("" if cfg.student else str(tiny / f"tiny-disc{suffix}"))
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage != "sft"
     why = "none yet" if cfg.stage == "disc" or not (disc and (Path(disc) / "config.json").exists()) else None
     if needs_disc and why is None:  # one of another student or other teachers: pre-trained again (or refused)

@@ -12,7 +12,8 @@ cell at chance (0.16 of 9).
 Two families of questions, as in the paper, where the SFT data is general instruction data and the RL set
 is the task:
 - GENERAL (the SFT split): perception instructions. Describe the scene object by object, name the colour or
-  shape at a place, say whether a colour is present.
+  shape at a place, say whether a colour is present. The marked world (data/build.py) adds three that go
+  through the objects one by one (MARKED_TYPES): which objects are red, which are red or blue, number them.
 - TASK (the RL, validation and test splits): questions that combine what is seen. Count a colour, compare
   two counts, find the colour of the largest object, compare two objects' columns, pick the number of objects
   among four options. The SFT data answers a few of them plainly; the teachers answer them step by step.
@@ -44,6 +45,7 @@ BACKGROUND = tint(1, 1)  # the centre cell's tint, the images' mean background (
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 GENERAL_TYPES = ("describe", "color_at", "shape_at", "has_color")
 TASK_TYPES = ("count_color", "compare", "largest_color", "left_of", "count_choice")
+MARKED_TYPES = ("which_color", "which_two", "number")  # GENERAL kinds of the marked world's SFT split only
 DESCRIBE = ("List the objects in the image.", "Describe the objects you see.", "What is in the picture?")
 
 
@@ -174,6 +176,12 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
         return "yes" if found[0][0].col < found[1][0].col else "no"
     if kind == "count_choice":
         return "ABCD"[args.index(len(objs))]
+    if kind == "which_color":
+        return ", ".join(place(o.row, o.col) for o in of_color(scene, args[0])) or "none"
+    if kind == "which_two":
+        return ", ".join(f"{len(of_color(scene, c))} {c}" for c in args)
+    if kind == "number":
+        return str(len(objs))
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -200,6 +208,12 @@ def question_text(kind: str, args: tuple) -> str:
         return f"Is the {args[0]} object to the left of the {args[1]} object?"
     if kind == "count_choice":
         return "How many objects are there? " + " ".join(f"({L}) {v}" for L, v in zip("ABCD", args))
+    if kind == "which_color":
+        return f"Which objects are {args[0]}?"
+    if kind == "which_two":
+        return f"Which objects are {args[0]} or {args[1]}?"
+    if kind == "number":
+        return "Number the objects."
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -213,11 +227,11 @@ def ask(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
     if kind in ("color_at", "shape_at"):
         o = rng.choice(scene.objects)
         args = (o.row, o.col)
-    elif kind in ("has_color", "count_color"):
+    elif kind in ("has_color", "count_color", "which_color"):
         args = (rng.choice(list(COLORS)),)
-    elif kind == "compare":
+    elif kind in ("compare", "which_two"):
         args = tuple(rng.sample(list(COLORS), 2))
-    elif kind == "largest_color":
+    elif kind in ("largest_color", "number"):
         args = ()
     elif kind == "left_of":
         unique = [o for o in scene.objects if len(of_color(scene, o.color)) == 1]

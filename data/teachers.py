@@ -7,7 +7,8 @@ describe what they see in the words of the SFT descriptions ('top left: red circ
 square'), so a student that has learnt to describe a scene can learn to answer from its own description.
 Two styles, clearly different so that a discriminator can learn them:
 
-- "methodical": lists every object with its place, then reasons about the question.
+- "methodical": lists every object with its place, then reasons about the question. In the marked world
+  (data/build.py) it marks each object as it lists it with what the question needs (`marks`).
 - "reflective": looks only at what the question is about, and sometimes re-checks in words
   ("Wait, let me count again."), occasionally fixing a slip on the way.
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from data.scenes import (COLORS, COLUMNS, SHAPES, Obj, Question, Scene, answer_for, at, describe, largest,
-                         of_color, place, reading_order)
+from data.scenes import (COLORS, COLUMNS, SHAPES, Obj, Question, Scene, answer_for, at, describe, item,
+                         largest, of_color, place, reading_order)
 
 TEACHERS = {"methodical": 0.05, "reflective": 0.08}  # name -> error rate
 
@@ -102,11 +103,60 @@ def _reasoning(scene: Scene, q: Question) -> str:
     raise ValueError(f"the teachers do not answer {q.kind!r} questions step by step")
 
 
-def methodical(scene: Scene, q: Question, rng: random.Random) -> str:
-    """List every object in reading order, then answer step by step."""
+def marks(scene: Scene, q: Question) -> str:
+    """Every object in reading order with what the question needs beside it (the marked world), so that no
+    later step has to pick objects out of a list already written; other kinds get the plain list.
+
+        count, is there, which (a colour): top left: green circle - red? no; center: red square - red? yes, 1
+        compare, which of two:             top left: red circle - red? yes, 1, blue? no; ...
+        multiple choice, number:           top left: green circle, 1; center: large red square, 2
+    """
+    colors = {"count_color": 1, "has_color": 1, "which_color": 1, "compare": 2, "which_two": 2}.get(q.kind, 0)
+    counts = dict.fromkeys(q.args[:colors], 0)  # colour -> objects of it listed so far
+    out = []
+    for i, o in enumerate(reading_order(scene), 1):
+        if o.color in counts:
+            counts[o.color] += 1
+        if q.kind in ("count_choice", "number"):
+            out.append(f"{item(o, scene)}, {i}")
+        elif counts:
+            said = [f"{c}? yes, {counts[c]}" if o.color == c else f"{c}? no" for c in counts]
+            out.append(f"{item(o, scene)} - {', '.join(said)}")
+        else:
+            out.append(item(o, scene))
+    return "; ".join(out)
+
+
+def _tally(scene: Scene, q: Question) -> str:
+    """The step after the marks, their last numbers read off: 'That makes 2 red.' (the marked world)."""
+    n = [len(of_color(scene, c)) for c in q.args[:2]]
+    if q.kind == "count_color":
+        return f"That makes {n[0]} {q.args[0]}."
+    if q.kind == "has_color":
+        return f"That makes {n[0]} {q.args[0]}, so there is {'one' if n[0] else 'none'}."
+    both = f"That makes {n[0]} {q.args[0]} and {n[1]} {q.args[1]}."
+    if q.kind == "which_two":
+        return both
+    return f"{both} {n[0]} is {'more than' if n[0] > n[1] else 'not more than'} {n[1]}."  # compare
+
+
+def methodical(scene: Scene, q: Question, rng: random.Random, marked: bool = False) -> str:
+    """List every object in reading order (`marked`: with marks), then answer step by step."""
     opener = rng.choice(("Let me look at each object:", "First I list the objects:", "Step 1, the objects:"))
     ans = answer_for(scene, q.kind, q.args)
-    return f"{opener} {describe(scene)}. Step 2: {_reasoning(scene, q)} So the answer is \\boxed{{{ans}}}."
+    listed = marks(scene, q) if marked else describe(scene)
+    tallied = marked and q.kind in ("count_color", "has_color", "compare")
+    step = _tally(scene, q) if tallied else _reasoning(scene, q)
+    return f"{opener} {listed}. Step 2: {step} So the answer is \\boxed{{{ans}}}."
+
+
+def marked_answer(scene: Scene, q: Question) -> str:
+    """The marked world's SFT answer to a MARKED_TYPES question: the marks, then what they add up to."""
+    if q.kind == "which_color":
+        return f"{marks(scene, q)}. The {q.args[0]} objects: {q.answer}."
+    if q.kind == "which_two":
+        return f"{marks(scene, q)}. {_tally(scene, q)}"
+    return f"{marks(scene, q)}. That is {q.answer} objects."
 
 
 def _relevant(scene: Scene, q: Question) -> tuple[str, list[Obj]]:
@@ -148,21 +198,22 @@ def reflective(scene: Scene, q: Question, rng: random.Random, slip: Scene | None
     return " ".join(out)
 
 
-def teacher_response(name: str, scene: Scene, q: Question, rng: random.Random) -> str:
-    """One response of teacher `name`: wrong (by misperception) with probability TEACHERS[name]."""
+def teacher_response(name: str, scene: Scene, q: Question, rng: random.Random, marked: bool = False) -> str:
+    """One response of teacher `name` (`marked`: the marked world's): wrong (by misperception) with
+    probability TEACHERS[name]."""
     seen = scene
     if rng.random() < TEACHERS[name]:
         seen = misperceive(scene, q, rng) or scene
     if name == "methodical":
-        return methodical(seen, q, rng)
+        return methodical(seen, q, rng, marked)
     slip = misperceive(scene, q, rng) if seen is scene and rng.random() < 0.1 else None
     return reflective(seen, q, rng, slip)
 
 
-def styled_response(name: str, scene: Scene, q: Question, rng: random.Random) -> str:
+def styled_response(name: str, scene: Scene, q: Question, rng: random.Random, marked: bool = False) -> str:
     """Teacher `name`'s style with no misperception: SFT rows written by a large model, for GENERAL
     questions."""
-    return methodical(scene, q, rng) if name == "methodical" else reflective(scene, q, rng)
+    return methodical(scene, q, rng, marked) if name == "methodical" else reflective(scene, q, rng)
 
 
 def plain_response(q: Question) -> str:
