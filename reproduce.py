@@ -7,10 +7,11 @@
 
 Every run is `ril.py --stage rl` from the same SFT student. Each configuration's discriminator is pre-trained
 from that student on the teachers the configuration imitates: one for both teachers, one for each single
-teacher. On the embedded task they are checkpoints/tiny-sft and checkpoints/tiny-disc[-teacher], built first
-when missing (`ril.py --stage sft`, `ril.py --stage disc [--teachers T]`). With `--student PATH` after `--`,
-PATH is the SFT start and the discriminators go to <out>/shared/discriminator[-teacher] (unless
-`--discriminator` is given, which ril.py then checks against each configuration's teachers).
+teacher. On the embedded task they are checkpoints/tiny-sft and checkpoints/tiny-disc[-teacher] (with
+`-- --world marked`: under checkpoints/marked), built first when missing (`ril.py --stage sft`, `ril.py
+--stage disc [--teachers T]`). With `--student PATH` after `--`, PATH is the SFT start and the
+discriminators go to <out>/shared/discriminator[-teacher] (unless `--discriminator` is given, which ril.py
+then checks against each configuration's teachers).
 A run whose summary.json exists is skipped and one with a checkpoint is resumed, so an interrupted grid goes
 on where it stopped. Runs go seed-major (every configuration at seed 0 first): a grid cut short still gives
 one row per configuration. At the end evaluate.py's compare_table and plot_runs write <out>/table.md
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.build import TINY_DIR  # where ril.py's embedded pipeline keeps tiny-sft and tiny-disc
+from data.build import world_dirs  # where ril.py's embedded pipeline keeps tiny-sft and tiny-disc
 
 ROOT = Path(__file__).resolve().parent
 RIL = ROOT / "ril.py"
@@ -88,6 +89,11 @@ def uses_disc(name: str) -> bool:
     return is_ril and flag_value(GRID[name], "--similarity") != "off"
 
 
+def tiny_dir(extra: list[str]) -> Path:
+    """The embedded pipeline's checkpoint folder for the world the runs' flags choose (--world)."""
+    return world_dirs(flag_value(extra, "--world") or "plain")[1]
+
+
 def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
     """Where the discriminator for a set of teachers lives: on the embedded task ril.py's own place
     (checkpoints/tiny-disc[-teachers], which ril.py keys the same way); with --student one per set under
@@ -95,7 +101,7 @@ def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
     teachers)."""
     suffix = f"-{teachers.replace(',', '+')}" if teachers else ""
     if flag_value(extra, "--student") is None:
-        return TINY_DIR / f"tiny-disc{suffix}"
+        return tiny_dir(extra) / f"tiny-disc{suffix}"
     if flag_value(extra, "--discriminator") is not None:
         return None
     return out / "shared" / f"discriminator{suffix}"
@@ -110,7 +116,7 @@ def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[s
     def shared(log: str) -> list[str]:
         return ["--out-dir", str(out), "--name", f"shared-{log}", "--overwrite"]
     todo = []
-    if flag_value(extra, "--student") is None and not (TINY_DIR / "tiny-sft" / "config.json").exists():
+    if flag_value(extra, "--student") is None and not (tiny_dir(extra) / "tiny-sft" / "config.json").exists():
         todo.append(("sft", ["--stage", "sft"] + shared("sft") + extra))
     new_start = bool(todo)                                   # a new SFT start: every discriminator again
     for teachers in dict.fromkeys(teachers_of(n) for n in names if uses_disc(n)):

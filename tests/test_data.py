@@ -2,6 +2,7 @@
 import filecmp
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -9,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.build import SFT_TEACHER_STYLE, SPLITS, build
+from data.build import MARKED_SHARES, SFT_TEACHER_STYLE, SPLITS, build, world_dirs
 from data.dataset import (MAX_ASPECT_RATIO, MAX_TEXT_CHARS, load_image, load_jsonl, step_rows, teacher_names,
                           teacher_slots)
 from data.scenes import (ANSWERS, COLORS, GENERAL_TYPES, TASK_TYPES, answer_for, ask, balanced_task, describe,
-                         draw, question_text, random_scene)
-from data.teachers import TEACHERS, plain_response, teacher_response
+                         draw, of_color, question_text, random_scene)
+from data.teachers import TEACHERS, methodical, plain_response, teacher_response
 from tests.conftest import SMALL
 
 
@@ -299,3 +300,66 @@ def test_sft_task_share_adds_plain_task_answers(tmp_path):
     assert all(r["response"] == f"The answer is \\boxed{{{r['answer']}}}." for r in task)
     plain = load_jsonl(build(tmp_path / "none", seed=1, sizes=sizes, sft_task_share=0.0) / "sft.jsonl")
     assert all(r["kind"] in GENERAL_TYPES for r in plain)
+
+
+def _read_marks(text: str, color: str) -> list[tuple[str, bool, int | None]]:
+    """(object, marked yes, running number) for each listed object of a marked list, read back with a regex
+    independent of data.teachers."""
+    out = []
+    for obj, yes, num in re.findall(rf"([a-z ]+: [a-z ]+) - (?:[a-z]+\? (?:yes, \d+|no), )*{color}\? "
+                                    rf"(yes|no)(?:, (\d+))?", text):
+        out.append((obj.strip(), yes == "yes", int(num) if num else None))
+    return out
+
+
+def test_marks_agree_with_the_scene():
+    """The marked methodical teacher (no misreading) marks exactly the objects of the asked colour, numbers
+    them 1, 2, ... in reading order, and its last number is the count it answers; a multiple-choice count
+    numbers every object."""
+    rng = random.Random(7)
+    for _ in range(300):
+        scene, q = balanced_task(rng)
+        text = methodical(scene, q, rng, marked=True)
+        assert text.endswith(f"\\boxed{{{q.answer}}}.")
+        if q.kind in ("count_color", "compare"):
+            for color in q.args:
+                read = _read_marks(text, color)
+                assert len(read) == len(scene.objects)
+                yes = [n for _, y, n in read if y]
+                assert yes == list(range(1, len(of_color(scene, color)) + 1))
+                is_color = [obj.split()[-2] == color for obj, _, _ in read]      # '... large red square'
+                assert is_color == [y for _, y, _ in read]
+        if q.kind == "count_choice":
+            numbers = re.findall(r", (\d+)[;.] ", text)
+            assert numbers == [str(i) for i in range(1, len(scene.objects) + 1)]
+        if q.kind in ("largest_color", "left_of"):  # nothing to mark: the plain listing
+            assert f": {describe(scene)}. Step 2: " in text
+
+
+def test_marked_world_sft_teaches_the_marks(tmp_path):
+    """--world marked: the SFT split asks MARKED_TYPES questions answered by the marked list, its TASK rows
+    are answered in the reflective teacher's chain (right answer), the methodical cache carries the marks;
+    the plain world has none of it."""
+    sizes = {"sft": 400, "train": 20, "val": 10, "test": 10}
+    out = build(tmp_path / "marked", seed=2, sizes=sizes, world="marked")
+    sft, train = load_jsonl(out / "sft.jsonl"), load_jsonl(out / "train.jsonl")
+    kinds = Counter(r["kind"] for r in sft)
+    general = len(sft) - sum(kinds[k] for k in TASK_TYPES)
+    for kind, share in MARKED_SHARES.items():
+        assert abs(kinds[kind] / general - share) < 4 * (share * (1 - share) / general) ** 0.5, kind
+    for r in sft:
+        if r["kind"] == "which_color":
+            color = r["question"].split()[-1].rstrip("?")
+            assert r["response"].endswith(f"The {color} objects: {r['answer']}.")
+            assert all(n is not None for _, y, n in _read_marks(r["response"], color) if y)
+        if r["kind"] == "number":
+            assert r["response"].endswith(f", {r['answer']}. That is {r['answer']} objects.")
+        if r["kind"] in TASK_TYPES:
+            assert r["response"].startswith(("I need", "The question is about", "Focus on"))
+            assert _boxed(r["response"]) == r["answer"]
+    assert any("? yes, 1" in t for r in train for t in r["teachers"]["methodical"])
+    assert json.loads((out / "meta.json").read_text())["world"] == "marked"
+    plain = build(tmp_path / "plain", seed=2, sizes=sizes)
+    assert "? yes" not in (plain / "sft.jsonl").read_text() + (plain / "train.jsonl").read_text()
+    with pytest.raises(ValueError, match="unknown embedded world"):
+        world_dirs("blocks")

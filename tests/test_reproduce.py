@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import reproduce
+from data.build import world_dirs
 
 
 def test_dry_run_commands(tmp_path, capsys):
@@ -35,6 +36,15 @@ def test_dry_run_commands(tmp_path, capsys):
     assert args[1].endswith("ril.py")  # plain python
     assert reproduce.flag_value(args, "--lr") == "3e-5"  # the last --lr wins
     assert reproduce.flag_value(args, "--steps") is None  # no --steps: ril.py's own
+
+
+def test_the_embedded_world_flag_picks_its_checkpoints(tmp_path):
+    """`-- --world marked` keeps the marked world's SFT start and discriminators apart from the plain ones."""
+    plain, marked = world_dirs("plain")[1], world_dirs("marked")[1]
+    assert marked != plain and reproduce.tiny_dir([]) == plain
+    found = reproduce.disc_dir(tmp_path, ["--world", "marked"], "methodical")
+    assert found == marked / "tiny-disc-methodical"
+    assert reproduce.disc_dir(tmp_path, ["--lr", "1"], "") == plain / "tiny-disc"
 
 
 def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, capsys):

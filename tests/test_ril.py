@@ -39,6 +39,7 @@ def weights(path):
     (["--student", "/no/such/model"], "/no/such/model does not exist"),
     (["--similarity", "off", "--answer-reward", "off"], "leaves no reward"),
     (["--algo", "drgrpo", "--answer-reward", "off"], "leaves no reward"),
+    (["--world", "blocks"], "--world must be one of"),
 ])
 def test_bad_config_fails_before_any_work(argv, message):
     with pytest.raises(SystemExit) as e:
