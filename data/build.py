@@ -10,9 +10,9 @@ largely written by large models, so the paper's students start near their teache
 `test` ask TASK questions (counts, comparisons, the largest object, left/right, multiple choice); a share
 SFT_TASK_SHARE of the SFT rows asks them too, answered plainly ("The answer is \\boxed{2}."), never in a
 teacher's step-by-step form: the student starts able to answer, and the teachers' way of answering is what
-imitation can add. `val` and `test` carry no responses. The marked world (`--world marked`, MARKED_SHARES) is
-described beside its settings below. The test split holds only scenes that no other split
+imitation can add. `val` and `test` carry no responses. The test split holds only scenes that no other split
 contains. Written to a temporary folder and renamed at the end, so a half-built dataset is never picked up.
+A second world, `--world marked`, is described beside its settings (MARKED_SHARES).
 """
 from __future__ import annotations
 
@@ -121,8 +121,7 @@ def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int =
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     meta = {"world": world, "seed": seed, "sizes": sizes, "grid": grid, "per_teacher": per_teacher,
-            "teachers": TEACHERS,
-            "sft_task_share": sft_task_share,
+            "teachers": TEACHERS, "sft_task_share": sft_task_share,
             "baselines": baselines(tmp, [s for s in order if s != "sft"])}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
