@@ -21,7 +21,7 @@ import discriminator
 import distributed
 import ril
 import rollout
-from data.build import split_paths
+from data.build import split_paths, world_dirs
 from data.dataset import load_jsonl, teacher_names
 
 OUT = Path(__file__).parent / "docs" / "one-step.md"
@@ -129,9 +129,11 @@ def main(argv=None) -> list[dict]:
     _, world, device = distributed.setup()
     if world > 1:
         raise SystemExit("explain.py runs one process: python explain.py")
-    cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg))) if not cfg.student else cfg
-    student = cfg.student or str(ril.TINY_DIR / "tiny-sft")
-    disc = cfg.discriminator or str(ril.TINY_DIR / "tiny-disc")
+    data_dir, tiny = world_dirs(cfg.world)  # the embedded world's data and checkpoints (--world)
+    if not cfg.student:
+        cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg), data_dir))
+    student = cfg.student or str(tiny / "tiny-sft")
+    disc = cfg.discriminator or str(tiny / "tiny-disc")
     for path, stage in ((student, "sft"), (disc, "disc")):
         if not (Path(path) / "config.json").exists():
             raise SystemExit(f"{path} is missing: run `torchrun --nproc_per_node=2 ril.py --stage {stage}` "

@@ -23,3 +23,11 @@ def test_one_step_is_shown_with_consistent_numbers(tiny_student, embedded, tmp_p
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert text.startswith("# One RIL step") and len(table) == 2 + 4                 # header, rule, 2G rows
     assert "--group-size 2" in text
+
+
+def test_without_student_it_reads_the_chosen_worlds_checkpoints(tmp_path, monkeypatch, one_thread):
+    """No --student: the SFT student and discriminator of the --world's checkpoint folder, asked for by the
+    command that builds them when missing."""
+    monkeypatch.setattr(explain, "world_dirs", lambda world: (tmp_path / f"data-{world}", tmp_path / world))
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'marked' / 'tiny-sft'} is missing: run"):
+        explain.main(["--world", "marked", "--out", str(tmp_path / "x.md")])
