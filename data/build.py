@@ -107,7 +107,8 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
 def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4,
           sft_task_share: float = SFT_TASK_SHARE, world: str = "plain") -> Path:
     """Write `<out>/{split}.jsonl` and `<out>/images/`; returns `out`. Replaces an existing folder."""
-    world_dirs(world)  # a known world
+    if world not in WORLDS:
+        raise ValueError(f"unknown embedded world {world!r}; one of {WORLDS}")
     out = Path(out)
     sizes = sizes or (SPLITS | {"sft": MARKED_SFT_ROWS} if world == "marked" else SPLITS)
     tmp = out.with_name(out.name + ".tmp")

@@ -111,8 +111,8 @@ def marks(scene: Scene, q: Question) -> str:
         compare, which of two:             top left: red circle - red? yes, 1, blue? no; ...
         multiple choice, number:           top left: green circle, 1; center: large red square, 2
     """
-    colors = {"count_color": 1, "has_color": 1, "which_color": 1, "compare": 2, "which_two": 2}.get(q.kind, 0)
-    counts = dict.fromkeys(q.args[:colors], 0)  # colour -> objects of it listed so far
+    by_color = q.kind in ("count_color", "has_color", "which_color", "compare", "which_two")  # args: colours
+    counts = dict.fromkeys(q.args if by_color else (), 0)  # colour -> objects of it listed so far
     out = []
     for i, o in enumerate(reading_order(scene), 1):
         if o.color in counts:
