@@ -47,10 +47,15 @@ MARKED_SFT_ROWS = 5000
 WORLDS = ("plain", "marked")
 
 
-def world_dirs(world: str) -> tuple[Path, Path]:
-    """(dataset folder, tiny-checkpoint folder) of an embedded world."""
+def check_world(world: str) -> None:
+    """Refuse a world name that is not one of WORLDS."""
     if world not in WORLDS:
         raise ValueError(f"unknown embedded world {world!r}; one of {WORLDS}")
+
+
+def world_dirs(world: str) -> tuple[Path, Path]:
+    """(dataset folder, tiny-checkpoint folder) of an embedded world."""
+    check_world(world)
     return (EMBEDDED_DIR, TINY_DIR) if world == "plain" else (EMBEDDED_DIR.with_name("embedded-marked"),
                                                                TINY_DIR / "marked")
 
@@ -107,8 +112,7 @@ def build_split(out: Path, split: str, n: int, seed: int, grid: int, per_teacher
 def build(out: str | Path, seed: int = 0, sizes: dict | None = None, grid: int = 3, per_teacher: int = 4,
           sft_task_share: float = SFT_TASK_SHARE, world: str = "plain") -> Path:
     """Write `<out>/{split}.jsonl` and `<out>/images/`; returns `out`. Replaces an existing folder."""
-    if world not in WORLDS:
-        raise ValueError(f"unknown embedded world {world!r}; one of {WORLDS}")
+    check_world(world)
     out = Path(out)
     sizes = sizes or (SPLITS | {"sft": MARKED_SFT_ROWS} if world == "marked" else SPLITS)
     tmp = out.with_name(out.name + ".tmp")
