@@ -21,7 +21,7 @@ import discriminator
 import distributed
 import ril
 import rollout
-from data.build import split_paths, world_dirs
+from data.build import split_paths, tiny_disc_dir, world_dirs
 from data.dataset import load_jsonl, teacher_names
 
 OUT = Path(__file__).parent / "docs" / "one-step.md"
@@ -133,11 +133,13 @@ def main(argv=None) -> list[dict]:
     if not cfg.student:
         cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg), data_dir))
     student = cfg.student or str(tiny / "tiny-sft")
-    disc = cfg.discriminator or str(tiny / "tiny-disc")
+    disc = cfg.discriminator or str(tiny_disc_dir(tiny, cfg.teachers))  # as ril.py names it
+    flags = (f" --world {cfg.world}" if cfg.world != "plain" else "") + \
+        (f" --teachers {cfg.teachers}" if cfg.teachers else "")
     for path, stage in ((student, "sft"), (disc, "disc")):
         if not (Path(path) / "config.json").exists():
-            raise SystemExit(f"{path} is missing: run `torchrun --nproc_per_node=2 ril.py --stage {stage}` "
-                             "first")
+            raise SystemExit(f"{path} is missing: run `torchrun --nproc_per_node=2 ril.py --stage {stage}"
+                             f"{flags}` first")
     torch.manual_seed(cfg.seed)
     q, rows = explain(cfg, student, disc, device)
     command = " ".join(["python explain.py", *(argv or [])])

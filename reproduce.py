@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.build import world_dirs  # where ril.py's embedded pipeline keeps tiny-sft and tiny-disc
+from data.build import tiny_disc_dir, world_dirs  # where ril.py's embedded pipeline keeps its checkpoints
 
 ROOT = Path(__file__).resolve().parent
 RIL = ROOT / "ril.py"
@@ -99,9 +99,9 @@ def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
     (checkpoints/tiny-disc[-teachers], which ril.py keys the same way); with --student one per set under
     <out>/shared; None when --discriminator is given (ril.py refuses it if it was pre-trained on other
     teachers)."""
-    suffix = f"-{teachers.replace(',', '+')}" if teachers else ""
     if flag_value(extra, "--student") is None:
-        return tiny_dir(extra) / f"tiny-disc{suffix}"
+        return tiny_disc_dir(tiny_dir(extra), teachers)
+    suffix = f"-{teachers.replace(',', '+')}" if teachers else ""
     if flag_value(extra, "--discriminator") is not None:
         return None
     return out / "shared" / f"discriminator{suffix}"

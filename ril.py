@@ -37,7 +37,7 @@ import evaluate
 import rewards
 import rollout
 from data import teacher_cache
-from data.build import WORLDS, build_missing, split_paths, world_dirs
+from data.build import WORLDS, build_missing, split_paths, tiny_disc_dir, world_dirs
 from data.dataset import (DatasetError, encode_rows, load_jsonl, sft_rows, step_rows, teacher_names,
                           teacher_slots)
 
@@ -568,8 +568,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--stage {cfg.stage}: no SFT student in {student}; run `ril.py --stage sft` "
                          "(or the whole pipeline) first")
     # one pre-trained D per student and set of imitated teachers (embedded: a folder per set of teachers)
-    suffix = f"-{cfg.teachers.replace(',', '+')}" if cfg.teachers else ""
-    disc = cfg.discriminator or ("" if cfg.student else str(tiny / f"tiny-disc{suffix}"))
+    disc = cfg.discriminator or ("" if cfg.student else str(tiny_disc_dir(tiny, cfg.teachers)))
     needs_disc = cfg.algo == "ril" and cfg.similarity != "off" and cfg.stage != "sft"
     why = "none yet" if cfg.stage == "disc" or not (disc and (Path(disc) / "config.json").exists()) else None
     if needs_disc and why is None:  # one of another student or other teachers: pre-trained again (or refused)

@@ -60,6 +60,11 @@ def world_dirs(world: str) -> tuple[Path, Path]:
                                                                TINY_DIR / "marked")
 
 
+def tiny_disc_dir(tiny: Path, teachers: str = "") -> Path:
+    """The embedded discriminator pre-trained for a set of teachers (--teachers a,b): tiny-disc[-a+b]."""
+    return tiny / ("tiny-disc" + (f"-{teachers.replace(',', '+')}" if teachers else ""))
+
+
 def split_paths(given: dict, folder: Path = EMBEDDED_DIR) -> dict:
     """{flag: path} of the embedded splits (in `folder`) for the data flags of `given` that are empty."""
     return {key: given.get(key) or str(folder / file) for key, file in SPLIT_FILES.items()}

@@ -1,4 +1,6 @@
 """explain.py: one RIL step on the tiny student, every number consistent with Algorithm 2."""
+import re
+
 import pytest
 
 import explain
@@ -31,3 +33,10 @@ def test_without_student_it_reads_the_chosen_worlds_checkpoints(tmp_path, monkey
     monkeypatch.setattr(explain, "world_dirs", lambda world: (tmp_path / f"data-{world}", tmp_path / world))
     with pytest.raises(SystemExit, match=f"{tmp_path / 'marked' / 'tiny-sft'} is missing: run"):
         explain.main(["--world", "marked", "--out", str(tmp_path / "x.md")])
+    # with --teachers: the discriminator ril.py pre-trains for those teachers, and the command that builds it
+    (tmp_path / "marked" / "tiny-sft").mkdir(parents=True)
+    (tmp_path / "marked" / "tiny-sft" / "config.json").write_text("{}")
+    missing = f"{tmp_path / 'marked' / 'tiny-disc-methodical'} is missing: run "
+    with pytest.raises(SystemExit, match=re.escape(missing + "`torchrun --nproc_per_node=2 ril.py --stage disc "
+                                                   "--world marked --teachers methodical` first")):
+        explain.main(["--world", "marked", "--teachers", "methodical", "--out", str(tmp_path / "x.md")])
