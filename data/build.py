@@ -37,12 +37,16 @@ SPLIT_FILES = dict(data="train.jsonl", eval_data="val.jsonl", test_data="test.js
 SPLITS = {"sft": 4000, "train": 2000, "val": 500, "test": 1000}
 SFT_TEACHER_STYLE = 0.9  # share of the SFT answers (descriptions aside) written in a teacher's style
 SFT_TASK_SHARE = 0.1     # share of the SFT rows that ask a TASK question, answered plainly (no reasoning)
-# The marked world: the methodical teacher marks each object as it lists it ("center: red square - red? yes,
-# 1"; data/teachers.py `marks`) and the SFT data teaches those marks as general skills, in MARKED_TYPES
-# questions answered by the marked list (these shares of the GENERAL rows; the four plain GENERAL kinds share
-# the rest). Its SFT rows that ask a TASK question are answered in the reflective teacher's chain, not
-# plainly: the student starts with a chain of its own, and imitation asks it to move to another one.
-MARKED_SHARES = {"which_color": 0.2, "which_two": 0.1, "number": 0.1}
+# The marked world: the methodical teacher marks each object as it lists it with what the question needs so
+# far ("center: red square - red? yes, 1"; data/teachers.py `marks`), and the SFT data teaches those marks as
+# general skills, in MARKED_TYPES questions answered by the marked list (these shares of the GENERAL rows; the
+# four plain GENERAL kinds share the rest). Its SFT rows that ask a TASK question are answered in the
+# reflective teacher's chain, not plainly: the student starts with a chain of its own, and imitation asks it
+# to move to another one.
+# A "columns" draw on a scene without two objects of unique colours in different columns asks "which_color"
+# instead (data/scenes.py `ask`): about half of them, so the rows come out at which_color 0.20, columns 0.045.
+MARKED_SHARES = {"which_color": 0.15, "which_two": 0.1, "number": 0.1,
+                 "largest_shape": 0.1, "columns": 0.1}
 MARKED_SFT_ROWS = 5000
 WORLDS = ("plain", "marked")
 

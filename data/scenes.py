@@ -12,8 +12,9 @@ cell at chance (0.16 of 9).
 Two families of questions, as in the paper, where the SFT data is general instruction data and the RL set
 is the task:
 - GENERAL (the SFT split): perception instructions. Describe the scene object by object, name the colour or
-  shape at a place, say whether a colour is present. The marked world (data/build.py) adds three that go
-  through the objects one by one (MARKED_TYPES): which objects are red, which are red or blue, number them.
+  shape at a place, say whether a colour is present. The marked world (data/build.py) adds five that go
+  through the objects one by one (MARKED_TYPES): which objects are red, which are red or blue, number them,
+  the shape of the largest object, the columns of two objects.
 - TASK (the RL, validation and test splits): questions that combine what is seen. Count a colour, compare
   two counts, find the colour of the largest object, compare two objects' columns, pick the number of objects
   among four options. The SFT data answers a few of them plainly; the teachers answer them step by step.
@@ -45,7 +46,8 @@ BACKGROUND = tint(1, 1)  # the centre cell's tint, the images' mean background (
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 GENERAL_TYPES = ("describe", "color_at", "shape_at", "has_color")
 TASK_TYPES = ("count_color", "compare", "largest_color", "left_of", "count_choice")
-MARKED_TYPES = ("which_color", "which_two", "number")  # GENERAL kinds of the marked world's SFT split only
+# GENERAL kinds of the marked world's SFT split only
+MARKED_TYPES = ("which_color", "which_two", "number", "largest_shape", "columns")
 DESCRIBE = ("List the objects in the image.", "Describe the objects you see.", "What is in the picture?")
 
 
@@ -182,6 +184,13 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
         return ", ".join(f"{len(of_color(scene, c))} {c}" for c in args)
     if kind == "number":
         return str(len(objs))
+    if kind == "largest_shape":
+        return largest(scene).shape
+    if kind == "columns":
+        found = [of_color(scene, c) for c in args]
+        if any(len(f) != 1 for f in found):
+            raise ValueError(f"'the {args[0]} object' and 'the {args[1]} object' must each name one object")
+        return ", ".join(COLUMNS[f[0].col] for f in found)
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -214,6 +223,10 @@ def question_text(kind: str, args: tuple) -> str:
         return f"Which objects are {args[0]} or {args[1]}?"
     if kind == "number":
         return "Number the objects."
+    if kind == "largest_shape":
+        return "What shape is the largest object?"
+    if kind == "columns":
+        return f"Which columns are the {args[0]} and the {args[1]} object in?"
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -231,13 +244,13 @@ def ask(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
         args = (rng.choice(list(COLORS)),)
     elif kind in ("compare", "which_two"):
         args = tuple(rng.sample(list(COLORS), 2))
-    elif kind in ("largest_color", "number"):
+    elif kind in ("largest_color", "number", "largest_shape"):
         args = ()
-    elif kind == "left_of":
+    elif kind in ("left_of", "columns"):
         unique = [o for o in scene.objects if len(of_color(scene, o.color)) == 1]
         pairs = [(a, b) for a in unique for b in unique if a.col != b.col]
         if not pairs:  # no two objects of unique colours in different columns: ask something else
-            return ask(scene, rng, "count_color")
+            return ask(scene, rng, "count_color" if kind == "left_of" else "which_color")
         a, b = rng.choice(pairs)
         args = (a.color, b.color)
     elif kind == "count_choice":

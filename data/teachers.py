@@ -8,7 +8,8 @@ square'), so a student that has learnt to describe a scene can learn to answer f
 Two styles, clearly different so that a discriminator can learn them:
 
 - "methodical": lists every object with its place, then reasons about the question. In the marked world
-  (data/build.py) it marks each object as it lists it with what the question needs (`marks`).
+  (data/build.py) it marks each object as it lists it with what the question needs so far (`marks`), so
+  that each of its steps reads only what was written right before it.
 - "reflective": looks only at what the question is about, and sometimes re-checks in words
   ("Wait, let me count again."), occasionally fixing a slip on the way.
 
@@ -104,31 +105,54 @@ def _reasoning(scene: Scene, q: Question) -> str:
 
 
 def marks(scene: Scene, q: Question) -> str:
-    """Every object in reading order with what the question needs beside it (the marked world), so that no
-    later step has to pick objects out of a list already written; other kinds get the plain list.
+    """Every object in reading order with what the question needs beside it (the marked world). Each mark
+    carries the running state, so the last object's mark holds all that the answer needs and no later step
+    has to look back across the list; other kinds get the plain list.
 
-        count, is there, which (a colour): top left: green circle - red? no; center: red square - red? yes, 1
-        compare, which of two:             top left: red circle - red? yes, 1, blue? no; ...
+        count, is there, which (a colour): top left: green circle - red? no, 0; center: red square -
+                                           red? yes, 1
+        compare, which of two:             top left: red circle - red? yes, 1, blue? no, 0; ...
+        the largest object:                top left: red circle - large? no; center: large blue square -
+                                           large? yes, blue square; bottom left: green circle - large? no,
+                                           blue square
+        left of, which columns:            top left: red circle - red? yes, left, blue? no; center: blue
+                                           square - red? no, left, blue? yes, middle
         multiple choice, number:           top left: green circle, 1; center: large red square, 2
     """
     by_color = q.kind in ("count_color", "has_color", "which_color", "compare", "which_two")  # args: colours
-    counts = dict.fromkeys(q.args if by_color else (), 0)  # colour -> objects of it listed so far
+    by_place = q.kind in ("left_of", "columns")                                            # args: colours
+    counts = dict.fromkeys(q.args if by_color else (), 0)      # colour -> objects of it listed so far
+    columns = dict.fromkeys(q.args if by_place else (), "")    # colour -> its object's column, once listed
+    big = ""                                                   # the largest object, once listed
     out = []
     for i, o in enumerate(reading_order(scene), 1):
         if o.color in counts:
             counts[o.color] += 1
+        if o.color in columns:
+            columns[o.color] = COLUMNS[o.col]
+        if o is largest(scene):
+            big = o.name
+        said = {c: "yes" if o.color == c else "no" for c in (*counts, *columns)}  # colour -> is it this one?
         if q.kind in ("count_choice", "number"):
             out.append(f"{item(o, scene)}, {i}")
         elif counts:
-            said = [f"{c}? yes, {counts[c]}" if o.color == c else f"{c}? no" for c in counts]
-            out.append(f"{item(o, scene)} - {', '.join(said)}")
+            out.append(f"{item(o, scene)} - " + ", ".join(f"{c}? {said[c]}, {counts[c]}" for c in counts))
+        elif columns:
+            carried = [f"{c}? {said[c]}" + (f", {columns[c]}" if columns[c] else "") for c in columns]
+            out.append(f"{item(o, scene)} - {', '.join(carried)}")
+        elif q.kind in ("largest_color", "largest_shape"):
+            out.append(f"{item(o, scene)} - large? {'yes' if o is largest(scene) else 'no'}"
+                       + (f", {big}" if big else ""))
         else:
             out.append(item(o, scene))
     return "; ".join(out)
 
 
 def _tally(scene: Scene, q: Question) -> str:
-    """The step after the marks, their last numbers read off: 'That makes 2 red.' (the marked world)."""
+    """The step after the marks, what the last mark carries read off: 'That makes 2 red.' (the marked
+    world)."""
+    if q.kind == "largest_color":
+        return f"The large one is the {largest(scene).name}, so its color is {largest(scene).color}."
     n = [len(of_color(scene, c)) for c in q.args[:2]]
     if q.kind == "count_color":
         return f"That makes {n[0]} {q.args[0]}."
@@ -145,7 +169,7 @@ def methodical(scene: Scene, q: Question, rng: random.Random, marked: bool = Fal
     opener = rng.choice(("Let me look at each object:", "First I list the objects:", "Step 1, the objects:"))
     ans = answer_for(scene, q.kind, q.args)
     listed = marks(scene, q) if marked else describe(scene)
-    tallied = marked and q.kind in ("count_color", "has_color", "compare")
+    tallied = marked and q.kind in ("count_color", "has_color", "compare", "largest_color")
     step = _tally(scene, q) if tallied else _reasoning(scene, q)
     return f"{opener} {listed}. Step 2: {step} So the answer is \\boxed{{{ans}}}."
 
@@ -156,6 +180,12 @@ def marked_answer(scene: Scene, q: Question) -> str:
         return f"{marks(scene, q)}. The {q.args[0]} objects: {q.answer}."
     if q.kind == "which_two":
         return f"{marks(scene, q)}. {_tally(scene, q)}"
+    if q.kind == "largest_shape":
+        return f"{marks(scene, q)}. The large one is the {largest(scene).name}, so its shape is {q.answer}."
+    if q.kind == "columns":
+        a, b = (of_color(scene, c)[0] for c in q.args)
+        return (f"{marks(scene, q)}. The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} "
+                f"one is in the {COLUMNS[b.col]} column.")
     return f"{marks(scene, q)}. That is {q.answer} objects."
 
 

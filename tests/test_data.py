@@ -302,38 +302,54 @@ def test_sft_task_share_adds_plain_task_answers(tmp_path):
     assert all(r["kind"] in GENERAL_TYPES for r in plain)
 
 
-def _read_marks(text: str, color: str) -> list[tuple[str, bool, int | None]]:
-    """(object, marked yes, running number) for each listed object of a marked list, read back with a regex
-    independent of data.teachers."""
+def _read_marks(text: str, color: str) -> list[tuple[str, bool, str | None]]:
+    """(object, marked yes, what the mark carries) for each listed object of a marked list, read back with a
+    regex independent of data.teachers: the running count, the column once seen, or nothing."""
     out = []
-    for obj, yes, num in re.findall(rf"([a-z ]+: [a-z ]+) - (?:[a-z]+\? (?:yes, \d+|no), )*{color}\? "
-                                    rf"(yes|no)(?:, (\d+))?", text):
-        out.append((obj.strip(), yes == "yes", int(num) if num else None))
+    other = r"[a-z]+\? (?:yes|no)(?:, (?:\d+|left|middle|right))?, "
+    for obj, yes, carried in re.findall(rf"([a-z ]+: [a-z ]+) - (?:{other})*{color}\? (yes|no)"
+                                        rf"(?:, (\d+|left|middle|right))?", text):
+        out.append((obj.strip(), yes == "yes", carried or None))
     return out
 
 
 def test_marks_agree_with_the_scene():
-    """The marked methodical teacher (no misreading) marks exactly the objects of the asked colour, numbers
-    them 1, 2, ... in reading order, and its last number is the count it answers; a multiple-choice count
-    numbers every object."""
+    """The marked methodical teacher (no misreading) marks exactly the objects of the asked colour and carries
+    the running count on every object (its last count is the one it answers), carries each named object's
+    column from where it is listed on, carries the largest object from where it is listed on, and numbers
+    every object of a multiple-choice count."""
     rng = random.Random(7)
     for _ in range(300):
         scene, q = balanced_task(rng)
         text = methodical(scene, q, rng, marked=True)
         assert text.endswith(f"\\boxed{{{q.answer}}}.")
+        ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
         if q.kind in ("count_color", "compare"):
             for color in q.args:
                 read = _read_marks(text, color)
                 assert len(read) == len(scene.objects)
-                yes = [n for _, y, n in read if y]
-                assert yes == list(range(1, len(of_color(scene, color)) + 1))
+                running = [sum(o.color == color for o in ordered[:i + 1]) for i in range(len(ordered))]
+                assert [int(n) for _, _, n in read] == running
                 is_color = [obj.split()[-2] == color for obj, _, _ in read]      # '... large red square'
                 assert is_color == [y for _, y, _ in read]
+            assert f"That makes {len(of_color(scene, q.args[0]))} {q.args[0]}" in text
+        if q.kind == "left_of":
+            for color in q.args:
+                read = _read_marks(text, color)
+                assert len(read) == len(scene.objects)
+                first = next(i for i, o in enumerate(ordered) if o.color == color)
+                column = ("left", "middle", "right")[ordered[first].col]
+                assert [c for _, _, c in read] == [None] * first + [column] * (len(ordered) - first)
+        if q.kind == "largest_color":
+            big = max(scene.objects, key=lambda o: o.radius)
+            found = re.findall(r"([a-z ]+: [a-z ]+) - large\? (yes|no)(?:, ([a-z]+ [a-z]+))?", text)
+            assert len(found) == len(scene.objects)
+            first = ordered.index(big)
+            assert [y == "yes" for _, y, _ in found] == [o is big for o in ordered]
+            assert [c or None for _, _, c in found] == [None] * first + [big.name] * (len(ordered) - first)
         if q.kind == "count_choice":
             numbers = re.findall(r", (\d+)[;.] ", text)
             assert numbers == [str(i) for i in range(1, len(scene.objects) + 1)]
-        if q.kind in ("largest_color", "left_of"):  # nothing to mark: the plain listing
-            assert f": {describe(scene)}. Step 2: " in text
 
 
 def test_marked_world_sft_teaches_the_marks(tmp_path):
@@ -345,13 +361,25 @@ def test_marked_world_sft_teaches_the_marks(tmp_path):
     sft, train = load_jsonl(out / "sft.jsonl"), load_jsonl(out / "train.jsonl")
     kinds = Counter(r["kind"] for r in sft)
     general = len(sft) - sum(kinds[k] for k in TASK_TYPES)
-    for kind, share in MARKED_SHARES.items():
+    columns = kinds.pop("columns")
+    assert columns > 0
+    kinds["which_color"] += columns  # a columns draw that the scene cannot ask falls back to which_color
+    shares = {k: v for k, v in MARKED_SHARES.items() if k != "columns"}
+    shares["which_color"] += MARKED_SHARES["columns"]
+    for kind, share in shares.items():
         assert abs(kinds[kind] / general - share) < 4 * (share * (1 - share) / general) ** 0.5, kind
     for r in sft:
         if r["kind"] == "which_color":
             color = r["question"].split()[-1].rstrip("?")
             assert r["response"].endswith(f"The {color} objects: {r['answer']}.")
             assert all(n is not None for _, y, n in _read_marks(r["response"], color) if y)
+        if r["kind"] == "largest_shape":
+            assert r["response"].endswith(f"so its shape is {r['answer']}.")
+            assert r["response"].count("large? yes") == 1
+        if r["kind"] == "columns":
+            colors = re.findall(r"the (\w+) and the (\w+) object", r["question"])[0]
+            said = re.findall(r"[Tt]he (\w+) one is in the (\w+) column", r["response"])
+            assert said == list(zip(colors, r["answer"].split(", ")))
         if r["kind"] == "number":
             assert r["response"].endswith(f", {r['answer']}. That is {r['answer']} objects.")
         if r["kind"] in TASK_TYPES:
