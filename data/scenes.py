@@ -153,6 +153,15 @@ def at(scene: Scene, row: int, col: int) -> Obj:
     raise ValueError(f"no object at the {place(row, col)}")
 
 
+def the_two(scene: Scene, colors: tuple) -> tuple[Obj, Obj]:
+    """The object of each of two colours ('the red object', 'the blue object'); ValueError unless each colour
+    names exactly one."""
+    found = [of_color(scene, c) for c in colors[:2]]
+    if any(len(f) != 1 for f in found):
+        raise ValueError(f"'the {colors[0]} object' and 'the {colors[1]} object' must each name one object")
+    return found[0][0], found[1][0]
+
+
 def answer_for(scene: Scene, kind: str, args: tuple) -> str:
     """Ground truth of a question of `kind` about `args`, from the scene description. ValueError when the
     question does not apply to the scene (a place is empty, a colour named as unique is not)."""
@@ -172,10 +181,8 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
     if kind == "largest_color":
         return largest(scene).color
     if kind == "left_of":
-        found = [of_color(scene, c) for c in args]
-        if any(len(f) != 1 for f in found):
-            raise ValueError(f"'the {args[0]} object' and 'the {args[1]} object' must each name one object")
-        return "yes" if found[0][0].col < found[1][0].col else "no"
+        a, b = the_two(scene, args)
+        return "yes" if a.col < b.col else "no"
     if kind == "count_choice":
         return "ABCD"[args.index(len(objs))]
     if kind == "which_color":
@@ -187,10 +194,8 @@ def answer_for(scene: Scene, kind: str, args: tuple) -> str:
     if kind == "largest_shape":
         return largest(scene).shape
     if kind == "columns":
-        found = [of_color(scene, c) for c in args]
-        if any(len(f) != 1 for f in found):
-            raise ValueError(f"'the {args[0]} object' and 'the {args[1]} object' must each name one object")
-        return ", ".join(COLUMNS[f[0].col] for f in found)
+        a, b = the_two(scene, args)
+        return f"{COLUMNS[a.col]}, {COLUMNS[b.col]}"
     raise ValueError(f"unknown question kind {kind!r}")
 
 

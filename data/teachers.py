@@ -23,7 +23,7 @@ import random
 from dataclasses import replace
 
 from data.scenes import (COLORS, COLUMNS, SHAPES, Obj, Question, Scene, answer_for, at, describe, item,
-                         largest, of_color, place, reading_order)
+                         largest, of_color, place, reading_order, the_two)
 
 TEACHERS = {"methodical": 0.05, "reflective": 0.08}  # name -> error rate
 
@@ -92,7 +92,7 @@ def _reasoning(scene: Scene, q: Question) -> str:
         o = largest(scene)
         return f"The large one is the {o.name} at {place(o.row, o.col)}, so its color is {ans}."
     if q.kind == "left_of":
-        a, b = (of_color(scene, c)[0] for c in q.args)
+        a, b = the_two(scene, q.args)
         side = "left of" if a.col < b.col else "not left of"
         return (f"The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} one is in the "
                 f"{COLUMNS[b.col]} column, so it is {side} it.")
@@ -183,7 +183,7 @@ def marked_answer(scene: Scene, q: Question) -> str:
     if q.kind == "largest_shape":
         return f"{marks(scene, q)}. The large one is the {largest(scene).name}, so its shape is {q.answer}."
     if q.kind == "columns":
-        a, b = (of_color(scene, c)[0] for c in q.args)
+        a, b = the_two(scene, q.args)
         return (f"{marks(scene, q)}. The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} "
                 f"one is in the {COLUMNS[b.col]} column.")
     return f"{marks(scene, q)}. That is {q.answer} objects."
