@@ -93,15 +93,19 @@ def _reasoning(scene: Scene, q: Question) -> str:
         return f"The large one is the {o.name} at {place(o.row, o.col)}, so its color is {ans}."
     if q.kind == "left_of":
         a, b = the_two(scene, q.args)
-        side = "left of" if a.col < b.col else "not left of"
-        return (f"The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} one is in the "
-                f"{COLUMNS[b.col]} column, so it is {side} it.")
+        return f"{_columns(a, b)}, so it is {'left of' if a.col < b.col else 'not left of'} it."
     if q.kind == "count_choice":
         return f"That is {len(scene.objects)} objects in total, which is option ({ans})."
     if q.kind in ("color_at", "shape_at"):
         o = at(scene, *q.args)
         return f"The object at the {place(o.row, o.col)} is the {o.name}, so its {q.kind[:-3]} is {ans}."
     raise ValueError(f"the teachers do not answer {q.kind!r} questions step by step")
+
+
+def _columns(a: Obj, b: Obj) -> str:
+    """'The red one is in the left column and the blue one is in the middle column'."""
+    return (f"The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} one is in the "
+            f"{COLUMNS[b.col]} column")
 
 
 def marks(scene: Scene, q: Question) -> str:
@@ -123,15 +127,15 @@ def marks(scene: Scene, q: Question) -> str:
     by_place = q.kind in ("left_of", "columns")                                            # args: colours
     counts = dict.fromkeys(q.args if by_color else (), 0)      # colour -> objects of it listed so far
     columns = dict.fromkeys(q.args if by_place else (), "")    # colour -> its object's column, once listed
-    big = ""                                                   # the largest object, once listed
+    big, seen = largest(scene), ""                             # the largest object; its name, once listed
     out = []
     for i, o in enumerate(reading_order(scene), 1):
         if o.color in counts:
             counts[o.color] += 1
         if o.color in columns:
             columns[o.color] = COLUMNS[o.col]
-        if o is largest(scene):
-            big = o.name
+        if o is big:
+            seen = o.name
         said = {c: "yes" if o.color == c else "no" for c in (*counts, *columns)}  # colour -> is it this one?
         if q.kind in ("count_choice", "number"):
             out.append(f"{item(o, scene)}, {i}")
@@ -141,8 +145,8 @@ def marks(scene: Scene, q: Question) -> str:
             carried = [f"{c}? {said[c]}" + (f", {columns[c]}" if columns[c] else "") for c in columns]
             out.append(f"{item(o, scene)} - {', '.join(carried)}")
         elif q.kind in ("largest_color", "largest_shape"):
-            out.append(f"{item(o, scene)} - large? {'yes' if o is largest(scene) else 'no'}"
-                       + (f", {big}" if big else ""))
+            said_big = "yes" if o is big else "no"
+            out.append(f"{item(o, scene)} - large? {said_big}" + (f", {seen}" if seen else ""))
         else:
             out.append(item(o, scene))
     return "; ".join(out)
@@ -151,8 +155,9 @@ def marks(scene: Scene, q: Question) -> str:
 def _tally(scene: Scene, q: Question) -> str:
     """The step after the marks, what the last mark carries read off: 'That makes 2 red.' (the marked
     world)."""
-    if q.kind == "largest_color":
-        return f"The large one is the {largest(scene).name}, so its color is {largest(scene).color}."
+    if q.kind in ("largest_color", "largest_shape"):
+        o, what = largest(scene), q.kind.removeprefix("largest_")
+        return f"The large one is the {o.name}, so its {what} is {o.color if what == 'color' else o.shape}."
     n = [len(of_color(scene, c)) for c in q.args[:2]]
     if q.kind == "count_color":
         return f"That makes {n[0]} {q.args[0]}."
@@ -178,14 +183,10 @@ def marked_answer(scene: Scene, q: Question) -> str:
     """The marked world's SFT answer to a MARKED_TYPES question: the marks, then what they add up to."""
     if q.kind == "which_color":
         return f"{marks(scene, q)}. The {q.args[0]} objects: {q.answer}."
-    if q.kind == "which_two":
+    if q.kind in ("which_two", "largest_shape"):
         return f"{marks(scene, q)}. {_tally(scene, q)}"
-    if q.kind == "largest_shape":
-        return f"{marks(scene, q)}. The large one is the {largest(scene).name}, so its shape is {q.answer}."
     if q.kind == "columns":
-        a, b = the_two(scene, q.args)
-        return (f"{marks(scene, q)}. The {a.color} one is in the {COLUMNS[a.col]} column and the {b.color} "
-                f"one is in the {COLUMNS[b.col]} column.")
+        return f"{marks(scene, q)}. {_columns(*the_two(scene, q.args))}."
     return f"{marks(scene, q)}. That is {q.answer} objects."
 
 
