@@ -37,7 +37,7 @@ import evaluate
 import rewards
 import rollout
 from data import teacher_cache
-from data.build import WORLDS, build_missing, split_paths, tiny_disc_dir, world_dirs
+from data.build import DEFAULT_WORLD, WORLDS, build_missing, split_paths, tiny_disc_dir, world_dirs
 from data.dataset import (DatasetError, encode_rows, load_jsonl, sft_rows, step_rows, teacher_names,
                           teacher_slots)
 
@@ -52,7 +52,7 @@ class Config:
     sft_data: str = ""             # SFT rows (`response` field) for --stage sft
     discriminator: str = ""        # pre-trained discriminator; "" = pre-train one from the student
     judge: str = ""                # text-only judge LLM for --answer-reward judge
-    world: str = "plain"           # the embedded world, without --student: plain | marked (data/build.py)
+    world: str = DEFAULT_WORLD     # the embedded world, without --student: plain | marked (data/build.py)
     stage: str = "all"             # all | sft | disc | rl
     algo: str = "ril"              # ril (Algorithm 2) | drgrpo | grpo (Algorithm 1)
     teachers: str = ""             # comma-separated teacher names to imitate; "" = every teacher in the data
@@ -82,6 +82,7 @@ class Config:
     vision_lr_scale: float = 1.0   # the vision tower's (and projector's) lr as a fraction of --lr / --sft-lr
     # SFT warm start and discriminator pre-training
     sft_steps: int = 1000          # SFT steps
+    sft_max_len: int = 1024        # SFT responses longer than this many tokens are cut
     sft_lr: float = 1e-5           # SFT learning rate, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)
     sft_batch_size: int = 64       # SFT sequences per step, all ranks together
     sft_micro_batch: int = 16      # SFT sequences per forward/backward, grouped by length (less padding)
@@ -102,13 +103,13 @@ class Config:
     keep_checkpoints: int = 3      # RL checkpoints kept in runs/<name>/checkpoints (0 = all)
     max_skipped: int = 5           # stop after this many policy updates in a row skipped as non-finite
 
-# The embedded run: a 1.2M-parameter student trained from scratch on two CPU cores in minutes needs larger
-# learning rates and far fewer, shorter steps than a pre-trained 7B model. These replace the paper's defaults
-# only without --student, and only for flags not given. How they were chosen: docs/LOG.md.
-EMBEDDED = dict(lr=1e-4, beta=1.0, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-5, batch_size=16,
-                steps=100, max_new_tokens=96, max_disc_len=192, micro_batch=32, sft_steps=600, sft_lr=2e-3,
-                sft_batch_size=64, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2,
-                save_every=50, sample_every=50)
+# The embedded run (no --student): a 1.2M-parameter student trained from scratch on two CPU cores needs
+# larger learning rates and fewer, shorter steps than a 7B model. EMBEDDED, then --world's: docs/LOG.md
+EMBEDDED = dict(lr=1e-4, batch_size=16, micro_batch=32, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-5,
+                sft_steps=600, sft_lr=2e-3, sft_batch_size=64, sft_max_len=96, save_every=50, sample_every=50,
+                max_disc_len=192, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2)
+EMBEDDED_WORLD = dict(plain=dict(beta=1.0, steps=100, max_new_tokens=96),
+                      marked=dict(beta=0.1, steps=150, max_new_tokens=128, teachers="methodical"))
 CHOICES = dict(world=WORLDS, stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
                similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
                loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
@@ -116,7 +117,7 @@ CHOICES = dict(world=WORLDS, stage=("all", "sft", "disc", "rl"), algo=("ril", "d
 def parse_config(argv=None) -> Config:
     """argparse built from Config; embedded defaults apply when no --student is given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"without --student these defaults change: {EMBEDDED}")
+                                epilog=f"without --student: {EMBEDDED}, then per --world: {EMBEDDED_WORLD}")
     notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # comments: help
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -128,7 +129,8 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                            help=f"{notes.get(f.name, '')} (default {f.default!r})")
     given = vars(p.parse_args(argv))
-    cfg = Config(**{**(EMBEDDED if not given.get("student") else {}), **given})
+    embedded = EMBEDDED | EMBEDDED_WORLD.get(given.get("world", Config.world), {})
+    cfg = Config(**{**(embedded if not given.get("student") else {}), **given})
     check_config(cfg)
     return cfg
 
@@ -140,8 +142,8 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, key) not in allowed:
             fail(key, f"must be one of {allowed}")
     for key in ("group_size", "mu", "batch_size", "max_new_tokens", "micro_batch", "sft_batch_size",
-                "max_skipped", "sft_micro_batch", "steps", "sft_steps", "disc_steps", "disc_batch_size",
-                "disc_questions", "disc_samples", "max_disc_len"):
+                "sft_max_len", "max_skipped", "sft_micro_batch", "steps", "sft_steps", "disc_steps",
+                "disc_batch_size", "disc_questions", "disc_samples", "max_disc_len"):
         if getattr(cfg, key) < 1:
             fail(key, "must be >= 1")
     for key in ("lr", "disc_lr", "sft_lr", "grad_clip", "clip_eps", "repetition_penalty"):
@@ -269,7 +271,7 @@ def sft(cfg: Config, init: str, out: Path, folder: Path, device, rank: int) -> N
         for group, lr in zip(opt.param_groups, base_lr):
             group["lr"] = lr * (1 - 0.9 * step / cfg.sft_steps)                 # lr -> lr / 10, linearly
         batch = step_rows(rows, step, cfg.sft_batch_size, cfg.seed, rank, world)
-        ids, mask, _ = rollout.encode_responses(tok, [r["response"] for r in batch], cfg.max_new_tokens,
+        ids, mask, _ = rollout.encode_responses(tok, [r["response"] for r in batch], cfg.sft_max_len,
                                                 tok.eos_token_id)
         ids, mask = ids.to(device), mask.to(device)                                  # [b, T]
         total = distributed.all_sum(mask.sum())
@@ -326,8 +328,7 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
         discriminator.record_origin(out, student, names)
         source = "cached" if all("students" in r for r in rows) else "sampled"
         print(f"discriminator trained on {len(student_texts)} {source} student responses per rank, "
-              f"{loop.progress.skipped} steps skipped; last batch accuracy {stats['accuracy']:.3f}",
-              flush=True)
+              f"{loop.progress.skipped} steps skipped; last batch acc {stats['accuracy']:.3f}", flush=True)
     distributed.barrier()
 
 # ---- Stage 3: the RL step (Algorithm 2; Algorithm 1 with --algo grpo|drgrpo) -------------------------------

@@ -49,6 +49,7 @@ MARKED_SHARES = {"which_color": 0.15, "which_two": 0.1, "number": 0.1,
                  "largest_shape": 0.1, "columns": 0.1}
 MARKED_SFT_ROWS = 5000
 WORLDS = ("plain", "marked")
+DEFAULT_WORLD = "marked"  # the world ril.py, explain.py and reproduce.py run without --world
 
 
 def check_world(world: str) -> None:

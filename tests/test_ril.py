@@ -52,8 +52,15 @@ def test_embedded_defaults_apply_only_without_student(tiny_student, embedded):
     assert ril.parse_config(["--test-data", "none"]).test_data == "none"  # tuning runs never read test
     assert ril.parse_config(["--lr", "3e-5"]).lr == 3e-5
     assert ril.parse_config([]).keep_gathered and not ril.parse_config(["--no-keep-gathered"]).keep_gathered
+    marked, plain = ril.parse_config([]), ril.parse_config(["--world", "plain"])  # then the world's own
+    assert (marked.world, marked.teachers, marked.beta, marked.steps, marked.max_new_tokens) == \
+        ("marked", "methodical", 0.1, 150, 128)
+    assert (plain.teachers, plain.beta, plain.steps, plain.max_new_tokens) == ("", 1.0, 100, 96)
+    assert ril.parse_config(["--beta", "0.5", "--teachers", ""]).beta == 0.5  # a given flag wins
+    assert ril.parse_config(["--teachers", ""]).teachers == ""                  # even an empty one
     cfg = ril.parse_config(["--student", str(tiny_student), "--data", str(embedded / "train.jsonl")])
     assert cfg.lr == 1e-6 and cfg.group_size == 4 and cfg.clip_eps == 0.2 and cfg.beta == 0.01
+    assert cfg.teachers == "" and cfg.max_new_tokens == 1024 and cfg.sft_max_len == 1024
 
 
 @pytest.fixture(scope="module")
