@@ -21,7 +21,7 @@ import discriminator
 import distributed
 import ril
 import rollout
-from data.build import split_paths, tiny_disc_dir, world_dirs
+from data.build import DEFAULT_WORLD, split_paths, tiny_disc_dir, world_dirs
 from data.dataset import load_jsonl, teacher_names
 
 OUT = Path(__file__).parent / "docs" / "one-step.md"
@@ -134,7 +134,7 @@ def main(argv=None) -> list[dict]:
         cfg = dataclasses.replace(cfg, **split_paths(dataclasses.asdict(cfg), data_dir))
     student = cfg.student or str(tiny / "tiny-sft")
     disc = cfg.discriminator or str(tiny_disc_dir(tiny, cfg.teachers))  # as ril.py names it
-    flags = (f" --world {cfg.world}" if cfg.world != "plain" else "") + \
+    flags = (f" --world {cfg.world}" if cfg.world != DEFAULT_WORLD else "") + \
         (f" --teachers {cfg.teachers}" if cfg.teachers else "")
     for path, stage in ((student, "sft"), (disc, "disc")):
         if not (Path(path) / "config.json").exists():

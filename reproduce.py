@@ -7,11 +7,11 @@
 
 Every run is `ril.py --stage rl` from the same SFT student. Each configuration's discriminator is pre-trained
 from that student on the teachers the configuration imitates: one for both teachers, one for each single
-teacher. On the embedded task they are checkpoints/tiny-sft and checkpoints/tiny-disc[-teacher] (with
-`-- --world marked`: under checkpoints/marked), built first when missing (`ril.py --stage sft`, `ril.py
---stage disc [--teachers T]`). With `--student PATH` after `--`, PATH is the SFT start and the
-discriminators go to <out>/shared/discriminator[-teacher] (unless `--discriminator` is given, which ril.py
-then checks against each configuration's teachers).
+teacher. On the embedded task they are checkpoints/marked/tiny-sft and checkpoints/marked/tiny-disc-<teachers>
+(`-- --world plain`: checkpoints/tiny-sft and checkpoints/tiny-disc[-teachers]), built first when missing
+(`ril.py --stage sft`, `ril.py --stage disc --teachers T`). With `--student PATH` after `--`, PATH is the SFT
+start and the discriminators go to <out>/shared/discriminator-<teachers> (unless `--discriminator` is given,
+which ril.py then checks against each configuration's teachers).
 A run whose summary.json exists is skipped and one with a checkpoint is resumed, so an interrupted grid goes
 on where it stopped. Runs go seed-major (every configuration at seed 0 first): a grid cut short still gives
 one row per configuration. At the end evaluate.py's compare_table and plot_runs write <out>/table.md
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.build import tiny_disc_dir, world_dirs  # where ril.py's embedded pipeline keeps its checkpoints
+from data.build import DEFAULT_WORLD, tiny_disc_dir, world_dirs  # where ril.py's embedded runs keep them
+from ril import EMBEDDED_WORLD  # the embedded worlds' own defaults (the teachers RIL imitates)
 
 ROOT = Path(__file__).resolve().parent
 RIL = ROOT / "ril.py"
@@ -40,7 +41,7 @@ GRID = {
     "drgrpo":         ["--algo", "drgrpo"],              # Algorithm 1: answer reward, A = R - mean
     "ril-methodical": ["--teachers", "methodical"],      # RIL with one teacher
     "ril-reflective": ["--teachers", "reflective"],      # RIL with the other teacher
-    "ril-both":       [],                                # RIL with both teachers (ril.py's default)
+    "ril-both":       ["--teachers", "methodical,reflective"],  # RIL with both teachers
     "sim-only":       ["--answer-reward", "off"],        # ablation: similarity reward only
     "frozen-disc":    ["--freeze-disc"],                 # ablation: the pre-trained discriminator stays fixed
     "continuous":     ["--similarity", "continuous"],    # ablation: r_sim = 1 - D(o) instead of 1[D(o) < 0.5]
@@ -78,9 +79,13 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return value
 
 
-def teachers_of(name: str) -> str:
-    """The --teachers value a configuration imitates ("" = every teacher in the data)."""
-    return flag_value(GRID[name], "--teachers") or ""
+def teachers_of(name: str, extra: list[str]) -> str:
+    """The --teachers value a configuration imitates ("" = every teacher in the data): its own, else the one
+    given to every run, else ril.py's default (on the embedded task, its world's)."""
+    own = flag_value(GRID[name], "--teachers") or flag_value(extra, "--teachers")
+    if own is not None or flag_value(extra, "--student") is not None:
+        return own or ""
+    return EMBEDDED_WORLD[flag_value(extra, "--world") or DEFAULT_WORLD].get("teachers", "")
 
 
 def uses_disc(name: str) -> bool:
@@ -91,7 +96,7 @@ def uses_disc(name: str) -> bool:
 
 def tiny_dir(extra: list[str]) -> Path:
     """The embedded pipeline's checkpoint folder for the world the runs' flags choose (--world)."""
-    return world_dirs(flag_value(extra, "--world") or "plain")[1]
+    return world_dirs(flag_value(extra, "--world") or DEFAULT_WORLD)[1]
 
 
 def disc_dir(out: Path, extra: list[str], teachers: str) -> Path | None:
@@ -119,7 +124,7 @@ def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[s
     if flag_value(extra, "--student") is None and not (tiny_dir(extra) / "tiny-sft" / "config.json").exists():
         todo.append(("sft", ["--stage", "sft"] + shared("sft") + extra))
     new_start = bool(todo)                                   # a new SFT start: every discriminator again
-    for teachers in dict.fromkeys(teachers_of(n) for n in names if uses_disc(n)):
+    for teachers in dict.fromkeys(teachers_of(n, extra) for n in names if uses_disc(n)):
         path = disc_dir(out, extra, teachers)
         if path is not None and (new_start or not (path / "config.json").exists()):
             flags = (["--teachers", teachers] if teachers else []) + (
@@ -132,7 +137,7 @@ def shared_stages(out: Path, extra: list[str], names: list[str]) -> list[tuple[s
 def disc_flags(name: str, out: Path, extra: list[str]) -> list[str]:
     """The flag that points one configuration's runs at its discriminator (with --student; the embedded
     pipeline finds its own)."""
-    path = disc_dir(out, extra, teachers_of(name))
+    path = disc_dir(out, extra, teachers_of(name, extra))
     if uses_disc(name) and path and flag_value(extra, "--student"):
         return ["--discriminator", str(path)]
     return []

@@ -29,14 +29,16 @@ def test_one_step_is_shown_with_consistent_numbers(tiny_student, embedded, tmp_p
 
 def test_without_student_it_reads_the_chosen_worlds_checkpoints(tmp_path, monkeypatch, one_thread):
     """No --student: the SFT student and discriminator of the --world's checkpoint folder, asked for by the
-    command that builds them when missing."""
+    command that builds them when missing (the default world needs no --world)."""
     monkeypatch.setattr(explain, "world_dirs", lambda world: (tmp_path / f"data-{world}", tmp_path / world))
-    with pytest.raises(SystemExit, match=f"{tmp_path / 'marked' / 'tiny-sft'} is missing: run"):
-        explain.main(["--world", "marked", "--out", str(tmp_path / "x.md")])
-    # with --teachers: the discriminator ril.py pre-trains for those teachers, and the command that builds it
+    missing = f"{tmp_path / 'plain' / 'tiny-sft'} is missing: run "
+    with pytest.raises(SystemExit, match=re.escape(missing + "`torchrun --nproc_per_node=2 ril.py --stage "
+                                                   "sft --world plain` first")):
+        explain.main(["--world", "plain", "--out", str(tmp_path / "x.md")])
+    # the marked world (the default): the discriminator ril.py pre-trains for its teachers, and its command
     (tmp_path / "marked" / "tiny-sft").mkdir(parents=True)
     (tmp_path / "marked" / "tiny-sft" / "config.json").write_text("{}")
     missing = f"{tmp_path / 'marked' / 'tiny-disc-methodical'} is missing: run "
-    with pytest.raises(SystemExit, match=re.escape(missing + "`torchrun --nproc_per_node=2 ril.py --stage disc "
-                                                   "--world marked --teachers methodical` first")):
-        explain.main(["--world", "marked", "--teachers", "methodical", "--out", str(tmp_path / "x.md")])
+    with pytest.raises(SystemExit, match=re.escape(missing + "`torchrun --nproc_per_node=2 ril.py --stage "
+                                                   "disc --teachers methodical` first")):
+        explain.main(["--out", str(tmp_path / "x.md")])

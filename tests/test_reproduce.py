@@ -39,12 +39,16 @@ def test_dry_run_commands(tmp_path, capsys):
 
 
 def test_the_embedded_world_flag_picks_its_checkpoints(tmp_path):
-    """`-- --world marked` keeps the marked world's SFT start and discriminators apart from the plain ones."""
+    """`-- --world plain` keeps the plain world's SFT start and discriminators apart from the marked ones (the
+    default world), and configurations that name no teachers imitate the world's default ones."""
     plain, marked = world_dirs("plain")[1], world_dirs("marked")[1]
-    assert marked != plain and reproduce.tiny_dir([]) == plain
-    found = reproduce.disc_dir(tmp_path, ["--world", "marked"], "methodical")
-    assert found == marked / "tiny-disc-methodical"
-    assert reproduce.disc_dir(tmp_path, ["--lr", "1"], "") == plain / "tiny-disc"
+    assert marked != plain and reproduce.tiny_dir([]) == marked
+    assert reproduce.disc_dir(tmp_path, ["--world", "plain"], "") == plain / "tiny-disc"
+    assert reproduce.disc_dir(tmp_path, ["--lr", "1"], "methodical") == marked / "tiny-disc-methodical"
+    assert reproduce.teachers_of("frozen-disc", []) == "methodical"  # ril.py's default in the marked world
+    assert reproduce.teachers_of("frozen-disc", ["--world", "plain"]) == ""  # every teacher
+    assert reproduce.teachers_of("frozen-disc", ["--teachers", "reflective"]) == "reflective"
+    assert reproduce.teachers_of("ril-both", ["--teachers", "reflective"]) == "methodical,reflective"
 
 
 def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, capsys):
@@ -56,15 +60,19 @@ def test_each_configuration_gets_a_discriminator_of_its_own_teachers(tmp_path, c
     prep = [line.split() for line in lines if "--stage disc" in " ".join(line.split())]
     built = [(reproduce.flag_value(a, "--teachers"), reproduce.flag_value(a, "--discriminator"))
              for a in prep]
+    both = "methodical,reflective"
     assert built == [("methodical", str(tmp_path / "shared" / "discriminator-methodical")),
-                     (None, str(tmp_path / "shared" / "discriminator"))]
+                     (both, str(tmp_path / "shared" / "discriminator-methodical+reflective")),
+                     (None, str(tmp_path / "shared" / "discriminator"))]  # --student: every teacher
     names = [reproduce.flag_value(a, "--name") for a in prep]  # a used run folder is refused: one each
-    assert names == ["shared-disc-methodical", "shared-disc"] and all("--overwrite" in a for a in prep)
+    assert names == ["shared-disc-methodical", "shared-disc-methodical+reflective", "shared-disc"]
+    assert all("--overwrite" in a for a in prep)
     rl = [line.split() for line in lines if "--stage rl" in line]
     runs = {reproduce.flag_value(a, "--name"): a for a in rl}
     disc = reproduce.flag_value(runs["ril-methodical-s0"], "--discriminator")
     assert disc.endswith("discriminator-methodical")
-    assert reproduce.flag_value(runs["ril-both-s0"], "--discriminator").endswith("shared/discriminator")
+    both = reproduce.flag_value(runs["ril-both-s0"], "--discriminator")
+    assert both.endswith("shared/discriminator-methodical+reflective")
     assert reproduce.flag_value(runs["frozen-disc-s0"], "--discriminator").endswith("shared/discriminator")
     assert reproduce.flag_value(runs["grpo-s0"], "--discriminator") is None
 
@@ -96,7 +104,8 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
     runs = [f"{n}-s{s}" for n in ("grpo", "ril-both") for s in (0, 1)]
     for r in runs:
         assert (out / r / "summary.json").is_file() and (out / r / "log.txt").is_file()
-    assert (out / "shared" / "discriminator" / "config.json").is_file()  # one discriminator for every run
+    both = out / "shared" / "discriminator-methodical+reflective"
+    assert (both / "config.json").is_file()  # one discriminator for both seeds
     assert "--discriminator" in (out / "ril-both-s1" / "log.txt").read_text().splitlines()[0]
 
     table = (out / "table.md").read_text()
@@ -122,8 +131,8 @@ def test_tiny_grid_end_to_end(tiny_student, embedded, tmp_path, capsys):
 
 def test_only_missing_discriminators_are_built(tmp_path, capsys):
     """An existing discriminator is reused even when another one has to be built first."""
-    (tmp_path / "shared" / "discriminator").mkdir(parents=True)
-    (tmp_path / "shared" / "discriminator" / "config.json").write_text("{}")
+    (tmp_path / "shared" / "discriminator-methodical+reflective").mkdir(parents=True)
+    (tmp_path / "shared" / "discriminator-methodical+reflective" / "config.json").write_text("{}")
     reproduce.main(["--dry-run", "--only", "ril-methodical,ril-both", "--seeds", "0", "--out", str(tmp_path),
                     "--", "--student", str(tmp_path)])
     prep = [line.split() for line in capsys.readouterr().out.splitlines() if "--stage disc" in line]
