@@ -328,9 +328,10 @@ def test_paired_bootstrap_tells_a_real_difference_from_noise():
 
 
 def test_a_rerun_is_the_same_configuration():
-    """A run resumed or started again (--resume, --overwrite) groups with its seeds; another lr does not."""
-    base = {"name": "ril-s0", "seed": 0, "lr": 1e-6, "resume": False, "overwrite": False}
-    rerun = dict(base, name="ril-s1", seed=1, resume=True, overwrite=True)
+    """A run resumed or started again (--resume, --overwrite), or the RL stage of a `--stage all` run, groups
+    with its seeds; another lr does not."""
+    base = {"name": "ril-s0", "seed": 0, "lr": 1e-6, "resume": False, "overwrite": False, "stage": "rl"}
+    rerun = dict(base, name="ril-s1", seed=1, resume=True, overwrite=True, stage="all")
     assert evaluate.config_key(base) == evaluate.config_key(rerun)
     assert evaluate.config_key(base) != evaluate.config_key(dict(base, lr=1e-5))
 
