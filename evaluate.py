@@ -276,8 +276,7 @@ def load_run(path: str | Path) -> dict:
     return {"path": path, "summary": summary, "config": summary.get("config", {}), "metrics": metrics}
 
 def config_key(config: dict) -> str:
-    """What makes two runs the same configuration: the config minus seed, name, output paths and the stages run
-    (the RL stage of a `--stage all` run is a `--stage rl` run from the start that run built)."""
+    """What makes two runs the same configuration: the config minus seed, name, outputs, stage (all = rl)."""
     ignore = {"seed", "name", "run_name", "out", "out_dir", "output_dir", "run_dir", "save_dir",
               "checkpoint_dir", "resume", "overwrite", "keep_checkpoints", "stage"}
     return json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True, default=str)
