@@ -3,7 +3,7 @@ rollout.response_logprobs with the prompt run once per question against one prom
 discriminator with its fixed prompt start run once per batch against written into every row.
 
     python bench.py                                  # tiny student (built on the fly if no --student)
-    python bench.py --student checkpoints/sft --data data/embedded
+    python bench.py --student checkpoints/tiny-sft    # the plain world's SFT student (data/embedded)
 
 RL-shaped workload: 16 prompts with images x 8 samples, temperature 1.0, top-p 0.95, top-k 50, repetition
 penalty 1.05, up to 128 new tokens; once with EOS (rows end at varied lengths) and once with EOS disabled
@@ -24,7 +24,7 @@ Agreement (`--what agree`, not part of `all`): greedy answers to every question 
 against transformers' generate given nothing but do_sample=False (the checkpoint's generation_config.json
 does the rest); how many responses are identical, and the accuracy of each.
 
-    python bench.py --what agree --student runs/ril/checkpoints/step-100/student --split val
+    python bench.py --what agree --student runs/ril/checkpoints/step-150/student --data data/embedded-marked
 """
 from __future__ import annotations
 

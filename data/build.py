@@ -1,6 +1,7 @@
 """Generate the embedded dataset: images, train / val / test / SFT splits in the JSONL schema.
 
-    python -m data.build --out data/embedded --seed 0
+    python -m data.build                  # the default world (marked) -> data/embedded-marked
+    python -m data.build --world plain    # -> data/embedded
 
 Deterministic by seed. `train` carries the teacher cache (several responses per teacher per question); `sft`
 carries the SFT target in `response`: GENERAL questions (describe the scene, the colour or shape at a place,
@@ -176,13 +177,14 @@ def build_missing(out: str | Path, student: str | Path, seed: int = 0, world: st
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="data/embedded")
-    p.add_argument("--world", default="plain", choices=WORLDS, help="the embedded world (see MARKED_SHARES)")
+    p.add_argument("--out", default="", help="default: the world's own folder, where ril.py looks for it")
+    p.add_argument("--world", default=DEFAULT_WORLD, choices=WORLDS, help="the embedded world")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-teacher", type=int, default=4, help="cached responses per teacher per question")
     p.add_argument("--sft-task-share", type=float, default=SFT_TASK_SHARE,
                    help="share of SFT rows asking a TASK question, answered plainly")
     a = p.parse_args()
+    a.out = a.out or str(world_dirs(a.world)[0])
     t0 = time.time()
     meta = json.loads((build(a.out, a.seed, per_teacher=a.per_teacher, sft_task_share=a.sft_task_share,
                              world=a.world) / "meta.json").read_text())
