@@ -25,6 +25,11 @@ against transformers' generate given nothing but do_sample=False (the checkpoint
 does the rest); how many responses are identical, and the accuracy of each.
 
     python bench.py --what agree --student runs/ril/checkpoints/step-150/student --data data/embedded-marked
+
+Attention (`--what attention`, not part of `all`): the packed policy update's attention, one layer's forward
+and backward with the student's heads, over 4 packed rows of a 64-token prompt and 8 responses of 86 tokens
+(the marked world's micro-batch): one dense masked sdpa over the whole row, as the model runs it today,
+against block attention (the prompt causal on itself, each response on the prompt and itself).
 """
 from __future__ import annotations
 
@@ -107,6 +112,35 @@ def agree(a, model, tok, ip, data: Path) -> None:
           f"{right_ours / n:.3f}, transformers generate {right_theirs / n:.3f}")
 
 
+def attention(a, model, sync) -> None:
+    """Dense masked attention over packed rows against block attention (see above); forward + backward."""
+    cfg = model.config.get_text_config()
+    B, H, P, k, R = 4, cfg.num_attention_heads, 64, 8, 86
+    D, L = cfg.hidden_size // H, P + k * R
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seg = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(R)])  # [L]
+    dense_mask = torch.ones(L, L, dtype=torch.bool).tril() & ((seg[:, None] == seg) | (seg == 0)[None])
+    resp_mask = torch.cat([torch.ones(R, P, dtype=torch.bool), torch.ones(R, R, dtype=torch.bool).tril()], 1)
+
+    def block(q, key, v):                                                      # each [B, H, L, D]
+        out_p = sdpa(q[:, :, :P], key[:, :, :P], v[:, :, :P], is_causal=True)
+        per = lambda x: x[:, :, P:].reshape(B, H, k, R, D).transpose(1, 2)         # [B, k, H, R, D]
+        pre = lambda x: x[:, None, :, :P].expand(B, k, H, P, D)
+        o = sdpa(per(q), torch.cat([pre(key), per(key)], 3), torch.cat([pre(v), per(v)], 3),
+                 attn_mask=resp_mask.to(q.device))
+        return torch.cat([out_p, o.transpose(1, 2).reshape(B, H, k * R, D)], 2)
+
+    def dense(q, key, v):
+        return sdpa(q, key, v, attn_mask=dense_mask.to(q.device))
+    qkv = [torch.randn(B, H, L, D, device=a.device, requires_grad=True) for _ in range(3)]
+    gap = (dense(*qkv) - block(*qkv)).abs().max().item()
+    step = lambda f: lambda: [f(*qkv).sum().backward() for _ in range(10)]
+    t_dense, t_block = fastest(step(dense), step(block), a.repeats, sync)
+    print(f"attention, {B} rows of {L} tokens ({P} + {k} x {R}), {H} heads of {D}: max |dense - block| "
+          f"{gap:.1e}; forward + backward {t_dense * 100:.1f} ms vs {t_block * 100:.1f} ms, "
+          f"**{t_dense / t_block:.2f}x** for block attention")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default=None, help="checkpoint folder; default: build the tiny student")
@@ -120,7 +154,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each, alternating; the fastest counts")
-    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc", "agree"))
+    p.add_argument("--what", default="all", choices=("all", "generate", "logprobs", "disc", "agree",
+                                                          "attention"))
     p.add_argument("--split", default="val", help="--what agree: the split whose questions are answered")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -145,6 +180,8 @@ def main():
     print(f"device {a.device} ({torch.get_num_threads()} threads), student {a.student}")
     if a.what == "agree":
         return agree(a, model, tok, ip, data)
+    if a.what == "attention":
+        return attention(a, model, sync)
     print(f"workload: {len(rows)} prompts x {a.samples} samples, {knobs}, max_new_tokens {a.max_new_tokens}")
 
     if a.what in ("all", "logprobs"):
