@@ -119,19 +119,19 @@ def attention(a, model, sync) -> None:
     D, L = cfg.hidden_size // H, P + k * R
     sdpa = torch.nn.functional.scaled_dot_product_attention
     seg = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(R)])  # [L]
-    dense_mask = torch.ones(L, L, dtype=torch.bool).tril() & ((seg[:, None] == seg) | (seg == 0)[None])
-    resp_mask = torch.cat([torch.ones(R, P, dtype=torch.bool), torch.ones(R, R, dtype=torch.bool).tril()], 1)
+    dense_mask = rollout.packed_mask(seg[None].to(a.device))          # [1, 1, L, L], as the model runs it
+    resp_mask = torch.ones(R, P + R, dtype=torch.bool, device=a.device).tril(P)  # the prompt, then causal
 
     def block(q, key, v):                                                      # each [B, H, L, D]
         out_p = sdpa(q[:, :, :P], key[:, :, :P], v[:, :, :P], is_causal=True)
         per = lambda x: x[:, :, P:].reshape(B, H, k, R, D).transpose(1, 2)         # [B, k, H, R, D]
         pre = lambda x: x[:, None, :, :P].expand(B, k, H, P, D)
         o = sdpa(per(q), torch.cat([pre(key), per(key)], 3), torch.cat([pre(v), per(v)], 3),
-                 attn_mask=resp_mask.to(q.device))
+                 attn_mask=resp_mask)                                          # [B, k, H, R, D]
         return torch.cat([out_p, o.transpose(1, 2).reshape(B, H, k * R, D)], 2)
 
     def dense(q, key, v):
-        return sdpa(q, key, v, attn_mask=dense_mask.to(q.device))
+        return sdpa(q, key, v, attn_mask=dense_mask)
     qkv = [torch.randn(B, H, L, D, device=a.device, requires_grad=True) for _ in range(3)]
     gap = (dense(*qkv) - block(*qkv)).abs().max().item()
     step = lambda f: lambda: [f(*qkv).sum().backward() for _ in range(10)]
