@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+import attention
 import rollout
 
 # ---- The process group and collectives ---------------------------------------------------------------------
@@ -116,11 +117,13 @@ def shard(model: torch.nn.Module, device: torch.device, keep_gathered: bool = Fa
 def load_pretrained(path: str, device: torch.device, trainable: bool = True, checkpointing: bool = False,
                     keep_gathered: bool = False):
     """(model, tokenizer, image processor) of a VLM checkpoint folder, through the Auto classes, in fp32,
+    its language model on attention.block_attention (the same values as sdpa; packed log-probs faster),
     sharded with `shard`. With `checkpointing`, each layer's activations are recomputed in backward instead
     of stored."""
     tok = AutoTokenizer.from_pretrained(path)
     proc = AutoImageProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    attention.use_block_attention(model)
     model.requires_grad_(trainable)
     if checkpointing and trainable:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

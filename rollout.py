@@ -400,43 +400,36 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
                       return_entropy: bool = False):
     """log pi(token) [N, T] under softmax(logits / temperature), teacher-forced through the model's own
     forward with `generate`'s positions; 0 where the mask is False. `prompts` has N rows, or N/k (response n
-    belongs to prompt n // k): then each prompt runs once, packed with its k responses (`packed_mask`). With
+    belongs to prompt n // k): each prompt runs once, packed with its k responses (`packed_mask`; the model
+    also gets `packed_layout`, which attention.block_attention uses to skip the masked blocks). With
     return_entropy, also each position's exact entropy [N, T]. Differentiable (no torch.no_grad() inside)."""
     N, T = response_ids.shape
-    B = prompts["input_ids"].shape[0]
+    (B, P), dev = prompts["input_ids"].shape, response_ids.device
     assert N % B == 0, f"{N} responses for {B} prompts: need N or N/k prompt rows"
-    k, pos = N // B, prompts["position_ids"]
-    resp_pos = prompts["next_position"][:, None] + torch.arange(T, device=response_ids.device)  # [B, T]
-    resp_pos = resp_pos.expand(*pos.shape[:-2], B, T)                         # [(3,) B, T]
-    if k == 1:  # prompt + response, one row each
-        mask = torch.cat([prompts["attention_mask"], response_mask.long()], 1)  # [N, P+T]
-        logits = model(input_ids=torch.cat([prompts["input_ids"], response_ids], 1), attention_mask=mask,
-                       position_ids=torch.cat([pos, resp_pos], -1), use_cache=False, logits_to_keep=T + 1,
-                       **vision_inputs(prompts)).logits[:, :-1]               # [N, T, V]
-    else:  # a packed row per prompt: the prompt once, then its k responses' tokens, no padding between them
-        P, dev = prompts["input_ids"].shape[1], response_ids.device
-        steps = torch.arange(T, device=dev)                                     # [T]
-        length = response_mask.sum(1)                                           # [N]
-        assert (response_mask == (steps < length[:, None])).all(), "masks must be prefixes"
-        per_row = length.view(B, k)                                             # [B, k]
-        start = (per_row.cumsum(1) - per_row).view(N)                           # [N] offset in the packed row
-        L = P + int(per_row.sum(1).max())
-        row, t = response_mask.nonzero(as_tuple=True)                           # the real response tokens
-        b, col = row // k, P + start[row] + t                                    # their packed row and column
-        ids = prompts["input_ids"].new_zeros(B, L)                               # [B, L]
-        ids[:, :P], ids[b, col] = prompts["input_ids"], response_ids[row, t]
-        segment = torch.full((B, L), -1, device=dev)                            # [B, L]
-        segment[:, :P] = prompts["attention_mask"].long() - 1                    # 0 prompt token, -1 padding
-        segment[b, col] = row % k + 1
-        packed_pos = pos.new_zeros(*pos.shape[:-1], L)                           # [(3,) B, L]
-        packed_pos[..., :P], packed_pos[..., b, col] = pos, resp_pos[..., b, t]
-        out = model(input_ids=ids, attention_mask=packed_mask(segment), position_ids=packed_pos,
-                    use_cache=False, logits_to_keep=L - P + 1,
-                    **vision_inputs(prompts)).logits                            # [B, L-P+1, V] from P-1 on
-        # token 0 is predicted at the prompt's last position (index 0), token t > 0 at index start + t
-        at = (start[:, None] + steps).clamp(max=L - P)                          # [N, T]
-        at[:, 0] = 0
-        logits = out[torch.arange(N, device=dev)[:, None] // k, at]             # [N, T, V]
+    k, pos, steps = N // B, prompts["position_ids"], torch.arange(T, device=dev)
+    length = response_mask.sum(1)                                               # [N]
+    assert (response_mask == (steps < length[:, None])).all(), "masks must be prefixes"
+    # a packed row per prompt: the prompt once, then its k responses' tokens, no padding between them
+    per_row = length.view(B, k)                                                 # [B, k]
+    start = (per_row.cumsum(1) - per_row).view(N)                               # [N] offset after the prompt
+    L = P + int(per_row.sum(1).max())
+    row_of = torch.arange(N, device=dev) // k                                   # [N] each response's row
+    cols = (P + start[:, None] + steps).clamp(max=L - 1)                        # [N, T] each token's column
+    n, t = response_mask.nonzero(as_tuple=True)                                 # the real response tokens
+    b, col = row_of[n], cols[n, t]
+    ids = prompts["input_ids"].new_zeros(B, L)                                  # [B, L]
+    ids[:, :P], ids[b, col] = prompts["input_ids"], response_ids[n, t]
+    segment = torch.full((B, L), -1, device=dev)                                # [B, L]
+    segment[:, :P] = prompts["attention_mask"].long() - 1                       # 0 prompt token, -1 padding
+    segment[b, col] = n % k + 1
+    packed_pos = pos.new_zeros(*pos.shape[:-1], L)                              # [(3,) B, L]
+    packed_pos[..., :P], packed_pos[..., b, col] = pos, prompts["next_position"][b] + t  # generate's
+    out = model(input_ids=ids, attention_mask=packed_mask(segment), position_ids=packed_pos, use_cache=False,
+                logits_to_keep=L - P + 1, packed_layout=(P, row_of, cols, response_mask),  # (attention.py)
+                **vision_inputs(prompts)).logits                                # [B, L-P+1, V] from P-1 on
+    at = cols - P                               # token t > 0 is predicted at index start + t (column - P)...
+    at[:, 0] = 0                                 # ... token 0 at the prompt's last position (index 0)
+    logits = out[row_of[:, None], at]                                           # [N, T, V]
     # The sampler's support (no placeholder_ids), so no update moves probability onto them; no top-k, top-p or
     # penalty: truncation changes with the context, and pi_theta / pi_old would compare different supports.
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)

@@ -3,6 +3,7 @@
 processor, greedy `rollout.generate` against transformers, log-probs against each sequence run alone, the
 discriminator built from each student, and the SFT, discriminator and RL stages of ril.py under torchrun with
 2 processes."""
+import copy
 import inspect
 import json
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, InternVLProcessor,
                           ProcessorMixin, Qwen2VLProcessor, Qwen3VLProcessor)
 
+import attention
 import rollout as R
 from discriminator import Discriminator, p_student
 from tests.test_rollout import check_greedy_equals_transformers
@@ -94,6 +96,8 @@ def test_response_logprobs_equal_each_sequence_alone(student, batch):
     mask[1, 6:] = False                                          # a shorter response, right-padded
     ids = out.response_ids.masked_fill(~mask, 0)
     logp = R.response_logprobs(model, p, ids, mask)              # [8, T], N/k prompt rows
+    block = attention.use_block_attention(copy.deepcopy(model))  # as ril.py loads it (distributed.py)
+    torch.testing.assert_close(R.response_logprobs(block, p, ids, mask), logp, atol=1e-5, rtol=0)
     for n in range(8):
         b, L = n // 2, int(mask[n].sum())
         one = R.select_prompts(p, [b])                           # the prompt alone, unpadded
