@@ -1,20 +1,21 @@
-"""Block attention for the packed rows of rollout.response_logprobs, as a transformers attention function.
+"""Block attention for packed rows, as a transformers attention function: the policy update's log-probs
+(rollout.response_logprobs) and the discriminator's packed forward (Discriminator.packed_forward).
 
-response_logprobs runs each prompt once, packed with its k responses: [prompt | response 1 | ... | padding],
-under rollout.packed_mask (the prompt causal on itself, each response on the prompt and causally on itself,
-never on another response). Dense masked attention over such a row costs O((P + k T)^2) per head; most of
-that square is masked out. `block_attention` computes the same attention block by block, O(P^2 + k T (P + T)):
-the prompt on itself, then every response on [the prompt | itself]. For the marked world's policy update
-(8 responses of ~82 tokens behind a 50-token prompt) that makes a forward and backward ~1.5x faster
-(docs/performance.md; `python bench.py --what attention`).
+Both pack a shared start with the sequences that follow it: [prompt | response 1 | ... | padding] or
+[D's prompt start | response 1 | ...], under a mask where the start is causal on itself and each sequence sees
+the start and, causally, itself, never another sequence (rollout.packed_mask). Dense masked attention over
+such a row costs O((P + k T)^2) per head, most of it masked out; `block_attention` computes the same
+attention block by block, O(P^2 + k T (P + T)): the start on itself, then every sequence on [start | itself].
+On the default run's policy update it makes the log-probs' forward and backward 1.44x faster, D's packed
+update 1.57x (`python bench.py --what logprobs` / `--what disc`, docs/performance.md).
 
     import attention
     attention.use_block_attention(model)   # once, after loading; the vision tower keeps its own attention
     logp = rollout.response_logprobs(model, prompts, ids, mask)                 # same values, less time
 
-response_logprobs passes `packed_layout` to the model's forward; transformers hands it to the attention
+The packing code passes `packed_layout` to the model's forward; transformers hands it to the attention
 function of every decoder layer, and any other function (sdpa, eager) ignores it, so a model that was not
-switched computes the same log-probs densely. The choice lives on the model (its LM config), not around the
+switched computes the same values densely. The choice lives on the model (its LM config), not around the
 call, so that gradient checkpointing, which runs a layer's forward again inside backward, recomputes the
 same function. Imports nothing from the project.
 """
@@ -27,6 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "rollout_block"
+# discriminator.packed_forward's packed rows' length under block attention: a micro-batch of the embedded
+# run's responses in one row, the prompt's start once (the dense mask still passed along: 4096^2 bools, 16 MB)
+PACK_TOKENS = 4096
 
 
 def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -71,8 +75,9 @@ AttentionMaskInterface.register(NAME, sdpa_mask)   # 2-D masks (model.generate, 
 
 
 def use_block_attention(model):
-    """Switch the model's decoder layers (a VLM's language model, or a text-only LLM's) to block_attention;
-    the vision tower keeps its own. Returns the model."""
-    lm = getattr(model.model, "language_model", model.model) if hasattr(model, "model") else model
-    lm.config._attn_implementation = NAME
+    """Switch a model's decoder layers to block_attention: a VLM's language model (its vision tower keeps its
+    own attention), a causal LM's, or a discriminator's backbone. Returns the model."""
+    lm = getattr(model, "backbone", model)                                      # discriminator.Discriminator
+    lm = getattr(lm, "model", lm)                                               # past an LM head
+    getattr(lm, "language_model", lm).config._attn_implementation = NAME      # past a vision tower
     return model

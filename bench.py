@@ -34,6 +34,7 @@ against block attention (the prompt causal on itself, each response on the promp
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from collections import defaultdict
@@ -44,6 +45,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 import rewards
 import rollout
+from attention import block_attention, use_block_attention
 from data.dataset import DatasetError, encode_rows, load_jsonl
 
 SHARES = {"forward": ["embed_prompts", "forward"], "sampling": ["sample_next"],
@@ -113,31 +115,28 @@ def agree(a, model, tok, ip, data: Path) -> None:
 
 
 def attention(a, model, sync) -> None:
-    """Dense masked attention over packed rows against block attention (see above); forward + backward."""
+    """Dense masked attention over packed rows against attention.block_attention; forward + backward."""
     cfg = model.config.get_text_config()
-    B, H, P, k, R = 4, cfg.num_attention_heads, 64, 8, 86
-    D, L = cfg.hidden_size // H, P + k * R
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    B, H, Hkv, P, k, R = 4, cfg.num_attention_heads, cfg.num_key_value_heads, 64, 8, 86
+    D, L, N = cfg.hidden_size // H, P + k * R, B * k
     seg = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(R)])  # [L]
-    dense_mask = rollout.packed_mask(seg[None].to(a.device))          # [1, 1, L, L], as the model runs it
-    resp_mask = torch.ones(R, P + R, dtype=torch.bool, device=a.device).tril(P)  # the prompt, then causal
-
-    def block(q, key, v):                                                      # each [B, H, L, D]
-        out_p = sdpa(q[:, :, :P], key[:, :, :P], v[:, :, :P], is_causal=True)
-        per = lambda x: x[:, :, P:].reshape(B, H, k, R, D).transpose(1, 2)         # [B, k, H, R, D]
-        pre = lambda x: x[:, None, :, :P].expand(B, k, H, P, D)
-        o = sdpa(per(q), torch.cat([pre(key), per(key)], 3), torch.cat([pre(v), per(v)], 3),
-                 attn_mask=resp_mask)                                          # [B, k, H, R, D]
-        return torch.cat([out_p, o.transpose(1, 2).reshape(B, H, k * R, D)], 2)
+    dense_mask = rollout.packed_mask(seg[None].to(a.device)).expand(B, 1, L, L)  # as the model gets it
+    cols = (P + torch.arange(N) % k * R)[:, None] + torch.arange(R)               # [N, R]
+    layout = (P, torch.arange(N) // k, cols, torch.ones(N, R, dtype=torch.bool))
+    layout = tuple(x.to(a.device) if torch.is_tensor(x) else x for x in layout)
 
     def dense(q, key, v):
-        return sdpa(q, key, v, attn_mask=dense_mask)
-    qkv = [torch.randn(B, H, L, D, device=a.device, requires_grad=True) for _ in range(3)]
+        return torch.nn.functional.scaled_dot_product_attention(q, key, v, attn_mask=dense_mask,
+                                                                enable_gqa=True).transpose(1, 2)
+
+    def block(q, key, v):
+        return block_attention(torch.nn.Module(), q, key, v, dense_mask, packed_layout=layout)[0]
+    qkv = [torch.randn(B, h, L, D, device=a.device, requires_grad=True) for h in (H, Hkv, Hkv)]
     gap = (dense(*qkv) - block(*qkv)).abs().max().item()
     step = lambda f: lambda: [f(*qkv).sum().backward() for _ in range(10)]
     t_dense, t_block = fastest(step(dense), step(block), a.repeats, sync)
-    print(f"attention, {B} rows of {L} tokens ({P} + {k} x {R}), {H} heads of {D}: max |dense - block| "
-          f"{gap:.1e}; forward + backward {t_dense * 100:.1f} ms vs {t_block * 100:.1f} ms, "
+    print(f"attention, {B} rows of {L} tokens ({P} + {k} x {R}), {H} heads ({Hkv} KV) of {D}: max |dense - "
+          f"block| {gap:.1e}; forward + backward {t_dense * 100:.1f} ms vs {t_block * 100:.1f} ms, "
           f"**{t_dense / t_block:.2f}x** for block attention")
 
 
@@ -262,16 +261,22 @@ def bench_logprobs(a, model, tok, prompts, rows, sync):
     print(f"log-probs workload: {len(rows)} prompts ({prompts['input_ids'].shape[1]} tokens) x {a.samples} "
           f"responses ({mask.sum(1).float().mean():.0f} tokens on average, {ids.shape[1]} padded)")
 
-    def work(p, grad):
+    def work(p, grad, m=model):
         with torch.set_grad_enabled(grad):
-            logp = rollout.response_logprobs(model, p, ids, mask)
+            logp = rollout.response_logprobs(m, p, ids, mask)
             if grad:
                 logp.sum().backward()
 
+    blocked = use_block_attention(copy.deepcopy(model))                          # as ril.py loads students
     for grad in (True, False):
+        what = "forward + backward" if grad else "forward (no grad)"
         shared, copied = fastest(lambda: work(prompts, grad), lambda: work(per_row, grad), a.repeats, sync)
-        print(f"[log-probs, {'forward + backward' if grad else 'forward (no grad)'}] one row per response "
-              f"{copied:.3f} s, shared prompt {shared:.3f} s: speed-up {copied / shared:.2f}x")
+        print(f"[log-probs, {what}] one row per response {copied:.3f} s, shared prompt {shared:.3f} s: "
+              f"speed-up {copied / shared:.2f}x (dense masked attention)")
+        dense, block = fastest(lambda: work(prompts, grad), lambda: work(prompts, grad, blocked), a.repeats,
+                               sync)
+        print(f"[log-probs, {what}] shared prompt, dense masked attention {dense:.3f} s, block attention "
+              f"{block:.3f} s: speed-up {dense / block:.2f}x")
     model.zero_grad(set_to_none=True)
 
 
@@ -280,6 +285,7 @@ def bench_disc(a, tok, rows, sync):
     micro-batches of 32 as in the RL step: the prompt's fixed start run once per micro-batch (its cache
     shared; with gradients also once per pack of responses, what FSDP2 runs) against written into every
     row."""
+    from attention import PACK_TOKENS as BLOCK_PACK_TOKENS
     from discriminator import PACK_TOKENS, Discriminator, encode_for_discriminator
     disc = Discriminator.from_student(a.student).to(a.device)
     texts = []
@@ -296,22 +302,27 @@ def bench_disc(a, tok, rows, sync):
     n_tokens = sum(int(e["attention_mask"].sum()) for e in batches[False])
     print(f"discriminator workload: {len(texts)} responses, {n_tokens} tokens with the prompt in every row")
 
-    def work(shared, grad, packed=False):
+    blocked = use_block_attention(copy.deepcopy(disc))                            # as ril.py runs D
+
+    def work(shared, grad, packed=False, block=False):
         with torch.set_grad_enabled(grad):
             for enc in batches[shared]:
                 if packed:                                                        # [32]
-                    logits = disc.packed_forward(enc["input_ids"], enc["attention_mask"], enc["prefix_ids"],
-                                                 PACK_TOKENS)
+                    logits = (blocked if block else disc).packed_forward(
+                        enc["input_ids"], enc["attention_mask"], enc["prefix_ids"],
+                        BLOCK_PACK_TOKENS if block else PACK_TOKENS)
                 else:
                     logits = disc(**enc)                                          # [32]
                 if grad:
                     logits.sum().backward()
 
-    ways = [(True, False, "shared prompt start (cache)"),
-            (True, True, f"prompt start once per pack of {PACK_TOKENS} tokens (FSDP2)"),
-            (False, False, "shared prompt start (cache)")]
-    for grad, packed, name in ways:
-        shared, copied = fastest(lambda: work(True, grad, packed), lambda: work(False, grad), a.repeats, sync)
+    ways = [(True, False, False, "shared prompt start (cache)"),
+            (True, True, False, f"prompt start once per pack of {PACK_TOKENS} tokens (FSDP2)"),
+            (True, True, True, f"... per pack of {BLOCK_PACK_TOKENS} tokens, block attention (ril.py's D)"),
+            (False, False, False, "shared prompt start (cache)")]
+    for grad, packed, block, name in ways:
+        shared, copied = fastest(lambda: work(True, grad, packed, block), lambda: work(False, grad),
+                                 a.repeats, sync)
         what = "forward + backward (update)" if grad else "forward (p_student)"
         print(f"[discriminator, {what}] prompt in every row {copied:.3f} s, "
               f"{name} {shared:.3f} s: speed-up {copied / shared:.2f}x")

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 SYSTEM = ("You are a discriminator. Say who wrote the response inside <response></response>: "
           "the teacher (0) or the student (1).")
 HEAD_FILE = "discriminator_head.safetensors"
-PACK_TOKENS = 256  # packed rows' length where the prefix's cache cannot be shared (see Discriminator.forward)
+# packed rows' length where the prefix's cache cannot be shared (see Discriminator.forward), under dense
+# masked attention, whose cost grows with its square (under block attention: attention.PACK_TOKENS)
+PACK_TOKENS = 256
 ORIGIN = "pretrained_from.json"  # beside its weights: the student and teachers D learnt to tell apart
 
 
@@ -84,7 +86,9 @@ class Discriminator(nn.Module):
                        pack_tokens: int) -> torch.Tensor:
         """Logits [B] of the rows of input_ids [B, L] (mask [B, L], any padding) read behind prefix_ids [P],
         in one forward call over packed rows [prefix | row i | row i+1 | ...]: each row's tokens see the
-        prefix and themselves, never another row's, and sit at the positions they would have alone."""
+        prefix and themselves, never another row's, and sit at the positions they would have alone. The
+        backbone also gets `packed_layout`, which attention.block_attention uses to skip the masked blocks
+        (any other attention function ignores it)."""
         P, dev = prefix_ids.numel(), input_ids.device
         n = mask.sum(1)                                                         # [B] real tokens per row
         pack, start = pack_behind_prefix(n.tolist(), P, pack_tokens)            # [B], [B]
@@ -102,8 +106,11 @@ class Discriminator(nn.Module):
         q, k = segment[:, :, None], segment[:, None, :]                         # [R, S, 1], [R, 1, S]
         causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()          # [S, S]
         allowed = causal & ((k == q) | (k == 0)) & (k >= 0) | torch.eye(S, dtype=torch.bool, device=dev)
+        T = int(n.max())
+        cols = (start[:, None] + torch.arange(T, device=dev)).clamp(max=S - 1)  # [B, T] each token's column
+        valid = torch.arange(T, device=dev) < n[:, None]                        # [B, T] its real tokens
         h = self.backbone(input_ids=ids, attention_mask=allowed[:, None], position_ids=position_ids,
-                          use_cache=False).last_hidden_state                    # [R, S, d]
+                          use_cache=False, packed_layout=(P, pack, cols, valid)).last_hidden_state
         h_last = h[pack, start + n - 1]                                         # [B, d] each row's last token
         return self.head(h_last).squeeze(-1).float().clone()  # [B]; a copy: FSDP2 warns on returned views
 
@@ -279,12 +286,13 @@ def _all_mean(values: list[float]) -> list[float]:
 
 def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, student_texts: list[str],
            teacher_texts: list[str], max_len: int, *, micro_batch_size: int | None = None,
-           max_grad_norm: float | None = 1.0) -> dict:
+           max_grad_norm: float | None = 1.0, pack_tokens: int = PACK_TOKENS) -> dict:
     """One optimizer step of D on Eq. 1 over this batch's student and teacher responses (Algorithm 2,
     step 3, mu = 1). Micro-batches accumulate gradients to the exact Eq. 1 gradient. Under FSDP2 every
     rank must call it with the same numbers of texts; stats are averaged over ranks. A non-finite loss or
     gradient norm (on any rank) skips the step: stats["skipped"] = 1. Returns loss, accuracy (mean of
-    the two per-set accuracies), p_student / p_teacher (mean D on each set), grad_norm, n_truncated."""
+    the two per-set accuracies), p_student / p_teacher (mean D on each set), grad_norm, n_truncated.
+    pack_tokens: the packed rows' length where they are packed (`Discriminator.forward`)."""
     ns = len(student_texts)
     nt = len(teacher_texts)
     if ns == 0 or nt == 0:
@@ -301,7 +309,7 @@ def update(disc: Discriminator, optimizer: torch.optim.Optimizer, tokenizer, stu
         idx = order[i:i + mb]
         enc, cut = encode_for_discriminator(tokenizer, [texts[j] for j in idx], max_len, shared_prefix=True)
         n_cut += cut
-        lg = disc(**{k: v.to(dev) for k, v in enc.items()})  # [mb]
+        lg = disc(**{k: v.to(dev) for k, v in enc.items()}, pack_tokens=pack_tokens)  # [mb]
         per = F.binary_cross_entropy_with_logits(lg, labels[idx].to(dev), reduction="none")  # [mb]
         (per * weights[idx].to(dev)).sum().backward()  # sums over micro-batches to Eq. 1
         logits[idx] = lg.detach().float().cpu()

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import attention
 import discriminator
 import distributed
 import evaluate
@@ -234,8 +235,7 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_
 # ---- Models and batches ------------------------------------------------------------------------------------
 def sampling(cfg: Config) -> dict:
     """The sampler's settings (rollout.generate's keyword arguments), as the run gives them."""
-    return dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                repetition_penalty=cfg.repetition_penalty)
+    return {key: getattr(cfg, key) for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
 
 def load_student(cfg: Config, path: str, device, lr: float) -> tuple:
     """(model, tokenizer, image processor, optimizer) to train, sharded; generation_config: the sampler."""
@@ -309,7 +309,7 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
     ckpt = distributed.latest_checkpoint(folder) if cfg.resume else None
     disc = discriminator.Discriminator.from_pretrained(ckpt / "discriminator") if ckpt else \
         discriminator.Discriminator.from_student(student)
-    disc = distributed.shard(disc.to(device), device, cfg.keep_gathered)
+    disc = distributed.shard(attention.use_block_attention(disc.to(device)), device, cfg.keep_gathered)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
     loop, bar = stage_loop(cfg, folder, cfg.disc_steps, {"discriminator": (disc, opt, ())}, gen, ckpt,
                            "discriminator", rank)
@@ -320,7 +320,7 @@ def pretrain_discriminator(cfg: Config, student: str, out: Path, folder: Path, d
                                               cfg.seed * 1000 + rank, step)
         stats = discriminator.update(disc, opt, tok, [student_texts[i] for i in si],
                                      [teacher_texts[i] for i in ti], cfg.max_disc_len,
-                                     max_grad_norm=cfg.grad_clip)
+                                     max_grad_norm=cfg.grad_clip, pack_tokens=attention.PACK_TOKENS)
         loop.done(stats["skipped"], stats)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
     distributed.publish(disc, out)
@@ -459,7 +459,7 @@ def rl_step(cfg: Config, step: int, batch: list[dict], m: Models, names: list[st
         t_txt = [x for x, s in zip(texts, is_student) if not s]
         for _ in range(cfg.mu):
             stats = discriminator.update(m.disc, m.dopt, m.tok, s_txt, t_txt, cfg.max_disc_len,
-                                         micro_batch_size=cfg.micro_batch)
+                                         micro_batch_size=cfg.micro_batch, pack_tokens=attention.PACK_TOKENS)
             out.update({f"disc/{a}": b for a, b in stats.items()})
     t2 = time.time()
     reward, parts = score_group(cfg, batch, texts, k, m, out)                                  # step 4
@@ -489,8 +489,8 @@ def load_models(cfg: Config, student: str, disc_path: str | None, ckpt: Path | N
         m.ref = distributed.load_pretrained(student, device, trainable=False)[0]
     if cfg.algo == "ril" and cfg.similarity != "off":
         disc = discriminator.Discriminator.from_pretrained(str(ckpt / "discriminator") if ckpt else disc_path)
-        m.disc = distributed.shard(disc.to(device).train(not cfg.freeze_disc), device,
-                                   cfg.keep_gathered and not cfg.freeze_disc)
+        disc = attention.use_block_attention(disc.to(device).train(not cfg.freeze_disc))
+        m.disc = distributed.shard(disc, device, cfg.keep_gathered and not cfg.freeze_disc)
         m.dopt = torch.optim.AdamW(m.disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0)
     if cfg.answer_reward == "judge":
         m.judge, m.judge_tok = rewards.load_judge(cfg.judge, device)

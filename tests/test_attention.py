@@ -2,6 +2,7 @@
 on random tensors with grouped KV heads, left-padded prompts and responses of uneven length, gradients
 included; through the tiny student's own forward, with and without activation checkpointing."""
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -54,6 +55,22 @@ def test_block_attention_equals_dense_masked_attention():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@contextmanager
+def counting_calls():
+    """attention.block_attention's calls inside the block: one entry per call, True when it was given a
+    packed_layout (the blocks), False for a call that fell back to sdpa."""
+    calls, original = [], attention.block_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("packed_layout") is not None)
+        return original(*args, **kwargs)
+    attention.AttentionInterface.register(attention.NAME, counted)
+    try:
+        yield calls
+    finally:
+        attention.AttentionInterface.register(attention.NAME, original)
+
+
 @pytest.fixture(scope="module")
 def student(tiny_student):
     model = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()
@@ -85,16 +102,11 @@ def test_the_models_forward_on_block_attention_matches_sdpa(student, batch, chec
     assert block.config.vision_config._attn_implementation == model.config.vision_config._attn_implementation
     if checkpointing:
         block.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    calls = []
-    original = attention.block_attention
-    attention.AttentionInterface.register(attention.NAME, lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    try:
+    with counting_calls() as calls:
         ref_logp, ref_grads = logprobs_and_grads(copy.deepcopy(model).train(), p, ids, mask, weights)
         logp, grads = logprobs_and_grads(block, p, ids, mask, weights)
-    finally:
-        attention.AttentionInterface.register(attention.NAME, original)
     layers = model.config.text_config.num_hidden_layers
-    assert len(calls) == layers * (2 if checkpointing else 1)                 # forward (+ recomputed)
+    assert calls == [True] * layers * (2 if checkpointing else 1)            # forward (+ recomputed)
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
     assert grads.keys() == ref_grads.keys()
     for n in grads:

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+import attention
 from discriminator import (HEAD_FILE, Discriminator, can_share_cache, discriminator_loss,
                            encode_for_discriminator, evaluate, pack_behind_prefix, p_student, pretrain,
                            prompt_parts, update)
+from tests.test_attention import counting_calls
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,8 @@ def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_threa
     assert packs[0] == [0, 1, 2, 3] and 1 < len(set(packs[1])) < 4 and packs[2] == [0, 0, 0, 0]
     ways = [lambda d: d(**plain), lambda d: d(**shared)]
     ways += [lambda d, n=n: d(**shared, pack_tokens=n) for n in (1, P + 30, 512)]  # packed: checkpointing
-    grads = []
+    ways += ways[2:]                                             # ... on attention.block_attention
+    grads, calls = [], []
     for i, way in enumerate(ways):
         d = _with_random_head(disc0)
         if i >= 2:  # HF turns the cache off under checkpointing: the responses are packed
@@ -118,9 +121,16 @@ def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_threa
                 activation_checkpointing_kwargs={"use_reentrant": False})
             d.train()
             assert not can_share_cache(d.backbone)
-        logits = way(d)  # [4]
-        (logits * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        if i >= 5:
+            attention.use_block_attention(d)
+            assert d.backbone.config._attn_implementation == attention.NAME
+        with counting_calls() as called:
+            logits = way(d)  # [4]
+            (logits * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        calls.append(called)
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in d.named_parameters()}))
+    layers = disc0.backbone.config.num_hidden_layers
+    assert [len(c) for c in calls] == [0] * 5 + [2 * layers] * 3 and all(all(c) for c in calls)  # + recomputed
     for logits, g in grads[1:]:
         torch.testing.assert_close(logits, grads[0][0], atol=1e-5, rtol=1e-5)
         for n, ref in grads[0][1].items():  # fp32 sums in another order: relative to the gradient's size

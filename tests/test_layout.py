@@ -1,5 +1,6 @@
-"""The layout's promises: rollout.py, discriminator.py and rewards.py can be copied alone (no import of the
-project anywhere in them, inside functions included), and each imports in a folder that holds only itself."""
+"""The layout's promises: rollout.py, attention.py, discriminator.py and rewards.py can be copied alone (no
+import of the project anywhere in them, inside functions included), and each imports in a folder that holds
+only itself."""
 import ast
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["rollout", "discriminator", "rewards"])
+@pytest.mark.parametrize("name", ["rollout", "attention", "discriminator", "rewards"])
 def test_copy_alone_files_import_nothing_from_the_project(name, tmp_path):
     own = imported_modules(ROOT / f"{name}.py") & (PROJECT | {"."})
     assert not own, f"{name}.py imports {sorted(own)} from the project"
