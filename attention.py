@@ -46,6 +46,8 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
                                       scaling=scaling, **kwargs)
     P, row_of, cols, valid = packed_layout
     (B, H, L, D), T = query.shape, cols.shape[1]
+    if query.device.type != "cpu":  # CUDA's memory-efficient kernel takes a mask, not grouped KV heads
+        key, value = (x.repeat_interleave(H // x.shape[1], 1) for x in (key, value))
 
     def sdpa(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
@@ -79,5 +81,8 @@ def use_block_attention(model):
     own attention), a causal LM's, or a discriminator's backbone. Returns the model."""
     lm = getattr(model, "backbone", model)                                      # discriminator.Discriminator
     lm = getattr(lm, "model", lm)                                               # past an LM head
-    getattr(lm, "language_model", lm).config._attn_implementation = NAME      # past a vision tower
+    config = getattr(lm, "language_model", lm).config                          # past a vision tower
+    if getattr(config, "sub_configs", None):  # setting it here would switch the vision tower too
+        raise ValueError(f"use_block_attention: no language model found in {type(model).__name__}")
+    config._attn_implementation = NAME
     return model

@@ -12,11 +12,13 @@ rollout.generate spends its time (model forward incl. prefill and vision, sampli
 
 Log-probs (the policy update's forward and backward, `--what logprobs`): the same 16 prompts x 8 cached
 teacher responses, teacher-forced; the prompts (images included) once, packed with each question's responses
-(rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows).
+(rollout.response_logprobs given N/k prompt rows) against each prompt repeated per response (N rows), both
+under dense masked attention; then the packed rows under dense attention against attention.block_attention.
 Discriminator (`--what disc`): D's forward and forward + backward over the same questions' 2G responses (the
 cached teacher responses and as many plain ones), its fixed prompt start run once per batch with its KV cache
-shared, or (forward + backward) written once per pack of responses as under FSDP2, against written into every
-row (discriminator.encode_for_discriminator's shared_prefix, Discriminator.packed_forward).
+shared, or (forward + backward) written once per pack of responses as under FSDP2 (packs of 256 tokens under
+dense attention; a micro-batch in one pack under block attention, as ril.py runs D), against written into
+every row (discriminator.encode_for_discriminator's shared_prefix, Discriminator.packed_forward).
 Each is timed --repeats times, alternating, and the fastest run of each counts (other processes only ever add
 time). Absolute numbers mean little on a shared CPU; the ratios are the point.
 
@@ -28,8 +30,8 @@ does the rest); how many responses are identical, and the accuracy of each.
 
 Attention (`--what attention`, not part of `all`): the packed policy update's attention, one layer's forward
 and backward with the student's heads, over 4 packed rows of a 64-token prompt and 8 responses of 86 tokens
-(the marked world's micro-batch): one dense masked sdpa over the whole row, as the model runs it today,
-against block attention (the prompt causal on itself, each response on the prompt and itself).
+(the marked world's micro-batch): one dense masked sdpa over the whole row (rollout.packed_mask) against
+attention.block_attention (the prompt causal on itself, each response on the prompt and itself).
 """
 from __future__ import annotations
 

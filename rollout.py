@@ -409,6 +409,7 @@ def response_logprobs(model, prompts: dict, response_ids, response_mask, tempera
     k, pos, steps = N // B, prompts["position_ids"], torch.arange(T, device=dev)
     length = response_mask.sum(1)                                               # [N]
     assert (response_mask == (steps < length[:, None])).all(), "masks must be prefixes"
+    assert prompts["attention_mask"][:, -1].all(), "prompts must be left-padded (encode_prompts)"
     # a packed row per prompt: the prompt once, then its k responses' tokens, no padding between them
     per_row = length.view(B, k)                                                 # [B, k]
     start = (per_row.cumsum(1) - per_row).view(N)                               # [N] offset after the prompt

@@ -3,6 +3,7 @@ on random tensors with grouped KV heads, left-padded prompts and responses of un
 included; through the tiny student's own forward, with and without activation checkpointing."""
 import copy
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def counting_calls():
 @pytest.fixture(scope="module")
 def student(tiny_student):
     model = AutoModelForImageTextToText.from_pretrained(tiny_student).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    tok, ip = AutoTokenizer.from_pretrained(tiny_student), AutoImageProcessor.from_pretrained(tiny_student)
+    return model, tok, ip
 
 
 def logprobs_and_grads(model, prompts, ids, mask, weights):
@@ -112,3 +114,12 @@ def test_the_models_forward_on_block_attention_matches_sdpa(student, batch, chec
     for n in grads:
         scale = ref_grads[n].abs().max().item()
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5 * scale, rtol=0, msg=n)
+
+
+def test_use_block_attention_switches_the_language_model_only(student):
+    model = attention.use_block_attention(copy.deepcopy(student[0]))
+    assert model.config.text_config._attn_implementation == attention.NAME
+    assert model.config.vision_config._attn_implementation != attention.NAME
+    composite = SimpleNamespace(model=SimpleNamespace(config=copy.deepcopy(model.config)))  # no LM inside
+    with pytest.raises(ValueError, match="no language model"):
+        attention.use_block_attention(composite)

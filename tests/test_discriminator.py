@@ -130,7 +130,8 @@ def test_shared_prefix_gives_the_same_logits_and_gradients(tok, disc0, one_threa
         calls.append(called)
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in d.named_parameters()}))
     layers = disc0.backbone.config.num_hidden_layers
-    assert [len(c) for c in calls] == [0] * 5 + [2 * layers] * 3 and all(all(c) for c in calls)  # + recomputed
+    assert [len(c) for c in calls] == [0] * 5 + [2 * layers] * 3           # forward + recomputed in backward
+    assert all(all(c) for c in calls)
     for logits, g in grads[1:]:
         torch.testing.assert_close(logits, grads[0][0], atol=1e-5, rtol=1e-5)
         for n, ref in grads[0][1].items():  # fp32 sums in another order: relative to the gradient's size

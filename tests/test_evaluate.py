@@ -344,6 +344,7 @@ def test_a_bad_data_file_is_named_with_its_line_before_any_model_loads(tmp_path,
     bad.write_text('{"id": "a", "image": null, "question": "q?", "answer": "1"}\n{"id": "b", \n')
     args = {"evaluate.py": ["--model", str(tmp_path / "no-model"), "--data", str(bad)],
             "bench.py": ["--student", str(tmp_path / "no-model"), "--data", str(tmp_path)]}[script]
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 1 and f"error: {bad}:2: bad JSON" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
