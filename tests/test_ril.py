@@ -54,7 +54,7 @@ def test_embedded_defaults_apply_only_without_student(tiny_student, embedded):
     assert ril.parse_config([]).keep_gathered and not ril.parse_config(["--no-keep-gathered"]).keep_gathered
     marked, plain = ril.parse_config([]), ril.parse_config(["--world", "plain"])  # then the world's own
     assert (marked.world, marked.teachers, marked.beta, marked.steps, marked.max_new_tokens) == \
-        ("marked", "methodical", 0.1, 150, 128)
+        ("marked", "methodical", 0.1, 150, 192)
     assert (plain.teachers, plain.beta, plain.steps, plain.max_new_tokens) == ("", 1.0, 100, 96)
     assert ril.parse_config(["--beta", "0.5", "--teachers", ""]).beta == 0.5  # a given flag wins
     assert ril.parse_config(["--teachers", ""]).teachers == ""                  # even an empty one
