@@ -352,6 +352,22 @@ def test_marks_agree_with_the_scene():
             assert numbers == [str(i) for i in range(1, len(scene.objects) + 1)]
 
 
+def test_marked_cap_holds_every_correct_methodical_response(tiny_student):
+    """The marked world's default response cap holds the methodical teacher's correct responses at their
+    longest (six objects, every kind), so RL never cuts a cached answer before its \\boxed{} and greedy
+    evaluation lets the student finish an answer in that form; the earlier cap of 128 did not."""
+    from transformers import AutoTokenizer
+    from ril import EMBEDDED_WORLD
+    tok, rng, longest = AutoTokenizer.from_pretrained(tiny_student), random.Random(0), {}
+    for _ in range(300):
+        scene = random_scene(rng, min_objects=6)
+        for kind in TASK_TYPES:
+            q = ask(scene, rng, kind)
+            n = len(tok(methodical(scene, q, rng, marked=True))["input_ids"]) + 1    # + the end token
+            longest[q.kind] = max(longest.get(q.kind, 0), n)
+    assert 128 < max(longest.values()) <= EMBEDDED_WORLD["marked"]["max_new_tokens"], longest
+
+
 def test_marked_world_sft_teaches_the_marks(tmp_path):
     """--world marked: the SFT split asks MARKED_TYPES questions answered by the marked list, its TASK rows
     are answered in the reflective teacher's chain (right answer), the methodical cache carries the marks;
