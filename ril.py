@@ -109,7 +109,7 @@ class Config:
 EMBEDDED = dict(lr=1e-4, batch_size=16, micro_batch=32, vision_lr_scale=0.1, keep_gathered=True, disc_lr=1e-5,
                 sft_steps=600, sft_lr=2e-3, sft_batch_size=64, sft_max_len=96, save_every=50, sample_every=50,
                 max_disc_len=192, disc_steps=60, disc_batch_size=32, disc_questions=256, disc_samples=2)
-EMBEDDED_WORLD = dict(plain=dict(beta=1.0, steps=100, max_new_tokens=96),  # marked: 192 holds every teacher
+EMBEDDED_WORLD = dict(plain=dict(beta=1.0, steps=100, max_new_tokens=96),  # marked: 192 fits correct answers
                       marked=dict(beta=0.1, steps=150, max_new_tokens=192, teachers="methodical"))
 CHOICES = dict(world=WORLDS, stage=("all", "sft", "disc", "rl"), algo=("ril", "drgrpo", "grpo"),
                similarity=("binary", "continuous", "off"), answer_reward=("rule", "judge", "off"),
